@@ -1,0 +1,25 @@
+"""Every message route (``say``, ``resume``, ``ping``, ``leave``, ``$default``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rejoin.events import MessageEvent
+from rejoin.observability import lambda_handler
+from rejoin.routes import on_message
+from rejoin.runtime import get_runtime
+
+
+@lambda_handler
+def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
+    parsed = MessageEvent.model_validate(event)
+    rt = get_runtime()
+    answer = rt.run(
+        on_message(
+            rt,
+            connection_id=parsed.request_context.connection_id,
+            body=parsed.body,
+            request_context=event["requestContext"],
+        )
+    )
+    return answer.to_lambda()

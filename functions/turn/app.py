@@ -1,0 +1,37 @@
+"""The turn worker: consumes the SQS FIFO turn queue and runs the agent.
+
+A failed record is reported in ``batchItemFailures``; the FIFO processor also
+returns the later records of the same session, so turns stay in order.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aws_lambda_powertools.utilities.batch import (
+    SqsFifoPartialProcessor,
+    process_partial_response,
+)
+from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
+
+from rejoin.observability import lambda_handler
+from rejoin.queue import TurnRequest
+from rejoin.runtime import get_runtime
+from rejoin.turns import handle_turn
+
+processor = SqsFifoPartialProcessor(skip_group_on_error=True)
+# Report every failed record instead of raising when all failed: SQS retries
+# exactly those, and the answer says which.
+processor.raise_on_entire_batch_failure = False
+
+
+def record_handler(record: SQSRecord) -> str:
+    rt = get_runtime()
+    return handle_turn(rt, TurnRequest.from_json(record.body), rt.agent())
+
+
+@lambda_handler
+def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
+    return process_partial_response(
+        event=event, record_handler=record_handler, processor=processor, context=context
+    )

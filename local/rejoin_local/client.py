@@ -1,0 +1,498 @@
+"""A terminal client for rejoin: connect, resume, print events, send, reconnect.
+
+::
+
+    python -m rejoin_local.client --session demo --name Ada          # local stack, token minted here
+    python -m rejoin_local.client --url wss://.../prod --session s1 --token "$JWT"
+    python -m rejoin_local.client --session demo --name Bot --say "hello" --wait-agent
+
+Interactive input: a line is sent as ``say``; ``/ping``, ``/leave`` (say you
+left and quit), ``/drop [seconds]`` (close without ``leave``, as a lost
+network would, then reconnect and resume), ``/quit``, ``/help``. End of input
+quits without ``leave``.
+
+It follows ``docs/protocol.md``: the first frame on each connection is
+``resume`` (with the epoch and the highest ``seq`` seen), events are printed
+once each, in ``seq`` order, and ``part`` frames are reassembled. When the
+socket drops it reconnects with a backoff and resumes. ``--name`` mints a
+token locally with ``REJOIN_TOKEN_SECRET`` (default: the local stack's key).
+Message text goes to stdout only; nothing is logged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+from urllib.parse import urlencode, urlsplit, urlunsplit
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus, InvalidURI
+
+__all__ = ["ChatClient", "main"]
+
+DEFAULT_URL = "ws://127.0.0.1:8080/ws"
+LOCAL_SIGNING_KEY = "local-dev-signing-key-change-me-0123456789"
+LOGGED = frozenset({"message", "presence", "agent_message"})
+
+
+class Refused(Exception):
+    """The handshake was refused with an HTTP status."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(f"the server refused the connection: HTTP {status}")
+        self.status = status
+
+
+@dataclass
+class ChatClient:
+    """One participant's connection, kept alive across drops.
+
+    Attributes:
+        url: the WebSocket URL without query (``ws://127.0.0.1:8080/ws``).
+        session: the session id.
+        token: the participant's token.
+        out: where events are printed.
+        show_deltas: print ``agent_delta`` pieces as they stream.
+        raw: print every frame as JSON instead of readable lines.
+    """
+
+    url: str
+    session: str
+    token: str
+    out: TextIO = sys.stdout
+    show_deltas: bool = True
+    raw: bool = False
+    remint: Any = None  # callable returning a fresh token, when minted locally
+    epoch: str | None = None
+    last_seq: int = 0
+    user: str | None = None
+    seen: set[int] = field(default_factory=set)
+    agent_replies: dict[str, str] = field(default_factory=dict)
+    acked: dict[str, int] = field(default_factory=dict)
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    welcomes: list[dict[str, Any]] = field(default_factory=list)
+    _ws: ClientConnection | None = None
+    _welcomed: asyncio.Event = field(default_factory=asyncio.Event)
+    _early: list[dict[str, Any]] = field(default_factory=list)
+    _parts: dict[str, dict[int, str]] = field(default_factory=dict)
+    _streaming: str | None = None
+    _leaving: bool = False
+    _ended: bool = False
+    _drop_for: float | None = None
+    _changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+
+    # ---------------------------------------------------------------- output
+
+    def _line(self, text: str) -> None:
+        if self._streaming is not None:
+            self.out.write("\n")
+            self._streaming = None
+        self.out.write(text + "\n")
+        self.out.flush()
+
+    @staticmethod
+    def _time(ts: Any) -> str:
+        if isinstance(ts, (int, float)):
+            return time.strftime("%H:%M:%S", time.localtime(ts / 1000))
+        return time.strftime("%H:%M:%S")
+
+    def _print_event(self, e: dict[str, Any]) -> None:
+        if self.raw:
+            self._line(json.dumps(e, ensure_ascii=False))
+            return
+        stamp, seq = self._time(e.get("ts")), e.get("seq")
+        if e["type"] == "message":
+            self._line(f"[{stamp}] #{seq} {e.get('name') or e.get('user')}: {e.get('text')}")
+        elif e["type"] == "presence":
+            verb = {"active": "is here", "away": "is away", "left": "left"}.get(
+                str(e.get("status")), str(e.get("status"))
+            )
+            self._line(f"[{stamp}] #{seq} * {e.get('name') or e.get('user')} {verb}")
+        elif e["type"] == "agent_message":
+            self._line(f"[{stamp}] #{seq} agent: {e.get('text')}")
+
+    # --------------------------------------------------------------- frames
+
+    async def _handle_text(self, text: str) -> None:
+        try:
+            frame = json.loads(text)
+        except ValueError:
+            self._line(f"! the server sent a frame that is not JSON: {text[:80]!r}")
+            return
+        if isinstance(frame, dict):
+            await self._handle(frame)
+
+    async def _handle(self, f: dict[str, Any]) -> None:
+        kind = f.get("type")
+        if kind == "part":
+            parts = self._parts.setdefault(str(f.get("id")), {})
+            parts[int(f.get("index", 0))] = str(f.get("data", ""))
+            count = int(f.get("count", 0))
+            if count and len(parts) == count:
+                del self._parts[str(f.get("id"))]
+                await self._handle_text("".join(parts[i] for i in range(count)))
+            return
+        if kind == "welcome":
+            self._welcome(f)
+            for early in sorted(self._early, key=lambda e: e.get("seq") or 0):
+                await self._handle(early)
+            self._early.clear()
+        elif not self._welcomed.is_set() and (kind in LOGGED or kind == "agent_delta"):
+            self._early.append(f)  # overtook the welcome: printed after it, in order
+            return
+        elif kind in LOGGED:
+            self._event(f)
+        elif kind == "agent_delta":
+            if self.raw:
+                self._line(json.dumps(f, ensure_ascii=False))
+            elif self.show_deltas and f.get("turn") not in self.agent_replies:
+                if self._streaming != f.get("turn"):
+                    if self._streaming is not None:
+                        self.out.write("\n")
+                    self.out.write("  agent (streaming)> ")
+                    self._streaming = str(f.get("turn"))
+                self.out.write(str(f.get("text", "")))
+                self.out.flush()
+        elif kind == "ack":
+            self.acked[str(f.get("id"))] = int(f.get("seq") or 0)
+            if self.raw:
+                self._line(json.dumps(f))
+            else:
+                dup = " (duplicate)" if f.get("duplicate") else ""
+                self._line(f"  sent {f.get('id')} as #{f.get('seq')}{dup}")
+        elif kind == "pong":
+            self._line(json.dumps(f) if self.raw else "  pong")
+        elif kind == "ended":
+            self._ended = True
+            self._line(f"* the session was ended ({f.get('reason')})")
+        elif kind == "error":
+            self.errors.append(f)
+            where = f" [{f['id']}]" if f.get("id") else ""
+            extra = f" (retry in {f['retry_after']} s)" if f.get("retry_after") else ""
+            self._line(f"! {f.get('code')}: {f.get('message')}{where}{extra}")
+            if f.get("code") == "not_joined":
+                await self._send({"action": "resume", **self._position()})
+        elif "message" in f and "connectionId" in f:
+            self._line(f"! gateway: {f['message']}")
+        else:
+            self._line(f"? {json.dumps(f)[:200]}")
+        async with self._changed:
+            self._changed.notify_all()
+
+    def _welcome(self, w: dict[str, Any]) -> None:
+        fresh = self.epoch is not None and w.get("epoch") != self.epoch
+        if fresh:
+            self.seen.clear()
+            self.last_seq = 0
+            self._line("* the session ended while you were away (its grace period passed): "
+                       "this is a fresh session with an empty history")
+        self.epoch = str(w.get("epoch"))
+        you = w.get("you") or {}
+        self.user = you.get("user", self.user)
+        self.welcomes.append(w)
+        if self.raw:
+            self._line(json.dumps(w, ensure_ascii=False))
+        else:
+            people = ", ".join(
+                f"{p.get('name')} ({p.get('status')})" for p in w.get("participants") or []
+            )
+            agent = w.get("agent") or {}
+            model = "offline stand-in model" if agent.get("offline") else agent.get("model", "?")
+            self._line(
+                f"* joined {w.get('session')} as {you.get('name')}: epoch {self.epoch}, "
+                f"resumed={'yes' if w.get('resumed') else 'no'}, "
+                f"recovered={'yes' if w.get('recovered') else 'no'}, seq {w.get('seq')}; "
+                f"agent: {model}"
+            )
+            self._line(f"* people: {people or '-'}")
+        replay = w.get("events") if w.get("recovered") else (w.get("transcript") or [])
+        for e in sorted(replay or [], key=lambda e: e.get("seq") or 0):
+            self._event(e)
+        if isinstance(w.get("seq"), int):
+            self.last_seq = max(self.last_seq, w["seq"])
+        self._welcomed.set()
+
+    def _event(self, e: dict[str, Any]) -> None:
+        seq = e.get("seq")
+        if not isinstance(seq, int) or seq in self.seen:
+            return
+        self.seen.add(seq)
+        self.last_seq = max(self.last_seq, seq)
+        if e.get("type") == "agent_message":
+            self.agent_replies[str(e.get("turn"))] = str(e.get("text"))
+            if self._streaming == e.get("turn"):
+                self.out.write("\n")
+                self._streaming = None
+        self._print_event(e)
+
+    def _position(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "last_seq": self.last_seq} if self.epoch else {}
+
+    # ------------------------------------------------------------ connection
+
+    def _full_url(self) -> str:
+        parts = urlsplit(self.url)
+        query = urlencode({"session": self.session, "token": self.token})
+        return urlunsplit((parts.scheme, parts.netloc, parts.path or "/", query, ""))
+
+    async def _send(self, frame: dict[str, Any]) -> bool:
+        ws = self._ws
+        if ws is None:
+            return False
+        try:
+            await ws.send(json.dumps(frame))
+            return True
+        except ConnectionClosed:
+            return False
+
+    async def say(self, text: str, message_id: str | None = None) -> str:
+        """Send ``text`` (after the welcome); return its client message id."""
+        message_id = message_id or f"c-{secrets.token_hex(6)}"
+        await self._welcomed.wait()
+        while not await self._send({"action": "say", "id": message_id, "text": text}):
+            await asyncio.sleep(0.2)  # reconnecting: the id makes the retry safe
+            await self._welcomed.wait()
+        return message_id
+
+    async def ping(self) -> None:
+        """Send ``ping``."""
+        await self._send({"action": "ping"})
+
+    async def leave(self) -> None:
+        """Send ``leave`` and close."""
+        self._leaving = True
+        await self._send({"action": "leave"})
+        if self._ws is not None:
+            await self._ws.close()
+
+    async def drop(self, seconds: float = 1.0) -> None:
+        """Close without ``leave`` (a lost network); reconnect after ``seconds``."""
+        self._drop_for = seconds
+        if self._ws is not None:
+            await self._ws.close(4000, "client drop")
+
+    async def wait_for_agent(self, turn: str, timeout: float) -> str:
+        """Wait for the ``agent_message`` answering ``turn``."""
+        async with asyncio.timeout(timeout), self._changed:
+            await self._changed.wait_for(lambda: turn in self.agent_replies)
+        return self.agent_replies[turn]
+
+    async def run(self) -> None:
+        """Connect, resume and read until ``leave``/``ended``; reconnect after drops."""
+        attempt = 0
+        refusals = 0
+        while not self._leaving and not self._ended:
+            self._welcomed.clear()
+            self._early.clear()
+            try:
+                ws = await connect(self._full_url(), max_size=None, open_timeout=10,
+                                   ping_interval=None, compression=None)
+            except InvalidStatus as exc:
+                status = exc.response.status_code
+                refusals += 1
+                if status in (401, 403) and self.remint is not None and refusals <= 2:
+                    self.token = self.remint()
+                    continue
+                if attempt == 0 or status in (400, 403):
+                    raise Refused(status) from None
+                self._line(f"! reconnect refused (HTTP {status}); retrying")
+                ws = None
+            except (OSError, TimeoutError) as exc:
+                if attempt == 0:
+                    raise
+                self._line(f"! reconnect failed ({type(exc).__name__}); retrying")
+                ws = None
+            if ws is not None:
+                self._ws = ws
+                refusals = 0
+                await self._send({"action": "resume", **self._position()})
+                try:
+                    async for message in ws:
+                        if isinstance(message, str):
+                            await self._handle_text(message)
+                except ConnectionClosed:
+                    pass
+                self._ws = None
+                code = ws.close_code
+                if self._leaving or self._ended:
+                    break
+                self._line(f"* disconnected (code {code}); reconnecting...")
+                attempt = 0
+            attempt += 1
+            delay = self._drop_for if self._drop_for is not None else min(10.0, 0.25 * 2**attempt)
+            self._drop_for = None
+            await asyncio.sleep(delay)
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+
+def _stdin_lines(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[str | None]) -> None:
+    for line in sys.stdin:
+        loop.call_soon_threadsafe(queue.put_nowait, line.rstrip("\n"))
+    loop.call_soon_threadsafe(queue.put_nowait, None)
+
+
+HELP = "commands: /ping, /leave, /drop [seconds], /quit, /help; any other line is sent"
+
+
+async def _interactive(client: ChatClient, runner: asyncio.Task[None]) -> int:
+    loop = asyncio.get_running_loop()
+    lines: asyncio.Queue[str | None] = asyncio.Queue()
+    threading.Thread(target=_stdin_lines, args=(loop, lines), daemon=True).start()
+    while not runner.done():
+        getter = asyncio.ensure_future(lines.get())
+        done, _ = await asyncio.wait({getter, runner}, return_when=asyncio.FIRST_COMPLETED)
+        if getter not in done:
+            getter.cancel()
+            break
+        line = getter.result()
+        if line is None or line.strip() == "/quit":
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text == "/help":
+            client._line(HELP)
+        elif text == "/ping":
+            await client.ping()
+        elif text == "/leave":
+            await client.leave()
+            break
+        elif text.startswith("/drop"):
+            arg = text[5:].strip()
+            try:
+                seconds = float(arg) if arg else 1.0
+            except ValueError:
+                client._line("usage: /drop [seconds]")
+                continue
+            await client.drop(seconds)
+        elif text.startswith("/") and not text.startswith("//"):
+            client._line(f"unknown command {text.split()[0]}; {HELP}")
+        else:
+            await client.say(text[1:] if text.startswith("//") else text)
+    return 0
+
+
+async def _scripted(client: ChatClient, args: argparse.Namespace) -> int:
+    ids = [await client.say(text) for text in args.say]
+    if args.wait_agent and ids:
+        try:
+            await client.wait_for_agent(ids[-1], args.timeout)
+        except TimeoutError:
+            print(f"! no agent reply within {args.timeout:g} s", file=sys.stderr)
+            return 1
+    elif args.wait_agent:
+        await asyncio.sleep(0)
+    if args.leave:
+        await client.leave()
+    return 0
+
+
+async def _amain(args: argparse.Namespace, token: str, remint: Any) -> int:
+    client = ChatClient(
+        url=args.url, session=args.session, token=token, show_deltas=not args.no_deltas,
+        raw=args.json, remint=remint,
+    )
+    runner = asyncio.create_task(client.run())
+    try:
+        await asyncio.wait_for(asyncio.shield(client._welcomed.wait()), args.timeout)
+    except TimeoutError:
+        if runner.done() and runner.exception() is not None:
+            pass
+        else:
+            print(f"! no welcome within {args.timeout:g} s", file=sys.stderr)
+            runner.cancel()
+            return 1
+    if runner.done():
+        exc = runner.exception()
+        if isinstance(exc, Refused):
+            print(f"! {exc}", file=sys.stderr)
+            return 1
+        if isinstance(exc, (OSError, TimeoutError, InvalidURI)):
+            print(f"! cannot connect to {args.url}: {exc}", file=sys.stderr)
+            return 1
+        if exc is not None:
+            raise exc
+    try:
+        if args.say:
+            return await _scripted(client, args)
+        return await _interactive(client, runner)
+    finally:
+        runner.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await runner
+        if client._ws is not None:
+            with contextlib.suppress(Exception):
+                await client._ws.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m rejoin_local.client``."""
+    p = argparse.ArgumentParser(
+        prog="python -m rejoin_local.client",
+        description="Chat in a rejoin session from the terminal. " + HELP,
+    )
+    p.add_argument("--url", default=os.environ.get("REJOIN_WS_URL", DEFAULT_URL),
+                   help=f"the WebSocket URL (env REJOIN_WS_URL, default {DEFAULT_URL})")
+    p.add_argument("--session", required=True, help="the session id")
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument("--token", help="a participant token (JWT)")
+    who.add_argument("--name", help="mint a local token for this display name")
+    p.add_argument("--user", help="the user id to mint for (default: from the name)")
+    p.add_argument("--say", action="append", default=[], metavar="TEXT",
+                   help="send TEXT and exit (repeatable) instead of reading stdin")
+    p.add_argument("--wait-agent", action="store_true",
+                   help="with --say: exit after the agent's reply to the last message")
+    p.add_argument("--leave", action="store_true", help="with --say: send leave before exiting")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait (default 60)")
+    p.add_argument("--no-deltas", action="store_true", help="do not print streamed pieces")
+    p.add_argument("--json", action="store_true", help="print frames as JSON")
+    args = p.parse_args(argv)
+
+    remint = None
+    if args.token:
+        token = args.token
+    else:
+        try:
+            from rejoin.tokens import mint_token
+        except ImportError:  # shared/ not on the path: run from the repository
+            from .handlers import ensure_shared_on_path
+
+            ensure_shared_on_path()
+            from rejoin.tokens import mint_token
+        import re
+
+        secret = os.environ.get("REJOIN_TOKEN_SECRET") or LOCAL_SIGNING_KEY
+        slug = re.sub(r"[^a-z0-9]+", "-", args.name.lower()).strip("-")[:24] or "user"
+        user = args.user or f"u-{slug}"
+
+        def remint() -> str:
+            return mint_token(secret=secret, session_id=args.session, user_id=user,
+                              name=args.name, ttl_seconds=12 * 3600)
+
+        try:
+            token = remint()
+        except Exception as exc:
+            print(f"! cannot mint a token: {exc}", file=sys.stderr)
+            return 2
+    try:
+        return asyncio.run(_amain(args, token, remint))
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,788 @@
+"""The whole rejoin stack in one process: ``python -m rejoin_local`` (``make dev``).
+
+What runs:
+
+- the Upstash-compatible REST endpoint (``rejoin_local.upstash_rest``) on
+  port 8079, over an embedded store, or over a real Redis when ``REDIS_URL``
+  is set;
+- on port 8080: the WebSocket gateway (``/ws``, API Gateway's semantics,
+  calling the real ``functions/connect|message|disconnect`` handlers), its
+  management API (``/@connections/{id}``), the HTTP API (``functions/api``
+  mounted at ``/api``) and the chat page (``/``, ``/join?session=..``);
+- the turn worker: an in-process per-session FIFO queue in front of the real
+  ``functions/turn`` handler, one batch at a time per session, failed turns
+  retried with a short backoff (3 attempts, then dead-lettered in the log);
+- the cleanup (``functions/cleanup``) every 60 s.
+
+With no ``OPENAI_API_KEY`` the turn handler uses the offline stand-in model;
+the page and the startup log say so. Tokens are signed with a local key
+(:data:`DEFAULT_SIGNING_KEY` unless ``REJOIN_TOKEN_SECRET`` is set) and the
+page mints them itself through ``POST /local/token``: local only.
+
+Environment (each also a command-line option, see ``--help``):
+``REJOIN_HOST``, ``REJOIN_PORT`` (8080), ``REJOIN_UPSTASH_PORT`` (8079),
+``REDIS_URL``, ``REJOIN_GRACE_SECONDS`` (120),
+``REJOIN_CLEANUP_INTERVAL_SECONDS`` (60), ``REJOIN_IDLE_TIMEOUT_SECONDS``
+(600), ``REJOIN_MAX_CONNECTION_SECONDS`` (7200), ``REJOIN_TOKEN_SECRET``,
+``REJOIN_ADMIN_KEY``, ``OPENAI_API_KEY``, ``OPENAI_BASE_URL``,
+``REJOIN_MODEL``, and every other ``REJOIN_*`` setting the handlers read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import functools
+import logging
+import math
+import os
+import re
+import secrets
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import BaseRoute, Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from .handlers import LocalLambdaContext, ensure_shared_on_path, load_api_app, load_handler
+
+ensure_shared_on_path()
+
+from rejoin.config import Settings  # noqa: E402
+from rejoin.errors import ConnectionGone, RejoinError  # noqa: E402
+from rejoin.queue import InMemoryTurnQueue, TurnRequest, sqs_event  # noqa: E402
+from rejoin.runtime import Runtime, set_runtime  # noqa: E402
+from rejoin.sender import InMemorySender  # noqa: E402
+
+from .gateway import Gateway, GatewayConfig, RunningServer, bind, client_address  # noqa: E402
+from .gateway import serve as serve_gateway  # noqa: E402
+from .gateway import uvicorn_config  # noqa: E402
+
+__all__ = [
+    "DEFAULT_ADMIN_KEY",
+    "DEFAULT_SIGNING_KEY",
+    "DEFAULT_UPSTASH_TOKEN",
+    "LocalSender",
+    "Stack",
+    "StackConfig",
+    "StackUrls",
+    "TurnWorker",
+    "main",
+]
+
+log = logging.getLogger("rejoin_local.stack")
+turn_log = logging.getLogger("rejoin_local.turns")
+cleanup_log = logging.getLogger("rejoin_local.cleanup")
+
+DEFAULT_SIGNING_KEY = "local-dev-signing-key-change-me-0123456789"
+"""The local token-signing key (never use it anywhere but this machine)."""
+DEFAULT_UPSTASH_TOKEN = "local-dev-token"
+"""The local Upstash endpoint's bearer token."""
+DEFAULT_ADMIN_KEY = "local-dev-admin-key"
+"""The HTTP API's admin credential in the local stack, unless REJOIN_ADMIN_KEY is set."""
+LOCAL_TOKEN_TTL = 12 * 3600
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+
+
+# ---------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------
+
+
+def _env_float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SystemExit(f"{name} must be a number, not {raw!r}") from None
+    if value <= 0:
+        raise SystemExit(f"{name} must be positive")
+    return value
+
+
+def _env_int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise SystemExit(f"{name} must be an integer, not {raw!r}") from None
+
+
+@dataclass
+class StackConfig:
+    """How the stack runs.
+
+    Attributes:
+        host: the interface both servers bind.
+        port: the gateway + page + HTTP API port (0: a free one).
+        upstash_port: the Upstash-compatible endpoint's port (0: a free one).
+        redis_url: a real Redis behind the endpoint; None: the embedded store.
+        upstash_url: use this running Upstash-compatible endpoint instead of
+            starting one (tests pass the session's endpoint).
+        upstash_token: the endpoint's bearer token.
+        signing_key: the HS256 token-signing key.
+        grace_seconds: the reconnect grace; None: ``REJOIN_GRACE_SECONDS`` or 120.
+        cleanup_interval: seconds between cleanup runs.
+        idle_timeout: the gateway's idle timeout, seconds.
+        max_duration: the gateway's longest connection, seconds.
+        turn_attempts: tries per turn before it is dead-lettered.
+        turn_backoff: seconds before the first retry of a failed turn (doubles).
+        env: the environment the handlers' settings are read from.
+        local_tokens: serve ``POST /local/token`` (the page's own minting).
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    upstash_port: int = 8079
+    redis_url: str | None = None
+    upstash_url: str | None = None
+    upstash_token: str = DEFAULT_UPSTASH_TOKEN
+    signing_key: str = DEFAULT_SIGNING_KEY
+    grace_seconds: int | None = None
+    cleanup_interval: float = 60.0
+    idle_timeout: float = 600.0
+    max_duration: float = 7200.0
+    turn_attempts: int = 3
+    turn_backoff: float = 0.5
+    env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
+    local_tokens: bool = True
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> StackConfig:
+        """Read the configuration from the environment (see the module doc)."""
+        env = dict(os.environ if env is None else env)
+        grace = env.get("REJOIN_GRACE_SECONDS") or env.get("GRACE_SECONDS")
+        return cls(
+            host=env.get("REJOIN_HOST", "127.0.0.1"),
+            port=_env_int(env, "REJOIN_PORT", 8080),
+            upstash_port=_env_int(env, "REJOIN_UPSTASH_PORT", 8079),
+            redis_url=env.get("REDIS_URL") or None,
+            upstash_token=env.get("REJOIN_LOCAL_UPSTASH_TOKEN") or DEFAULT_UPSTASH_TOKEN,
+            signing_key=env.get("REJOIN_TOKEN_SECRET") or DEFAULT_SIGNING_KEY,
+            grace_seconds=int(grace) if grace else None,
+            cleanup_interval=_env_float(env, "REJOIN_CLEANUP_INTERVAL_SECONDS", 60.0),
+            idle_timeout=_env_float(env, "REJOIN_IDLE_TIMEOUT_SECONDS", 600.0),
+            max_duration=_env_float(env, "REJOIN_MAX_CONNECTION_SECONDS", 7200.0),
+            env=env,
+        )
+
+    def settings(self, upstash_url: str) -> Settings:
+        """The handlers' settings: the environment, pointed at the local services."""
+        env = dict(self.env)
+        for name in ("REJOIN_UPSTASH_SECRET", "REJOIN_TOKEN_SECRET_NAME",
+                     "REJOIN_OPENAI_SECRET_NAME", "REJOIN_ADMIN_SECRET_NAME"):
+            if env.pop(name, None):
+                log.warning("%s is ignored by the local stack (no Secrets Manager here)", name)
+        env["UPSTASH_REDIS_REST_URL"] = upstash_url
+        env["UPSTASH_REDIS_REST_TOKEN"] = self.upstash_token
+        env["REJOIN_TOKEN_SECRET"] = self.signing_key
+        env.setdefault("REJOIN_ADMIN_KEY", DEFAULT_ADMIN_KEY)
+        if self.grace_seconds is not None:
+            env["REJOIN_GRACE_SECONDS"] = str(self.grace_seconds)
+        env["REJOIN_IDLE_TIMEOUT_SECONDS"] = str(max(1, math.ceil(self.idle_timeout)))
+        # The gateway and the queue are injected: no AWS endpoints.
+        env.pop("REJOIN_TURN_QUEUE_URL", None)
+        env.pop("REJOIN_WS_ENDPOINT", None)
+        return Settings.from_env(env)
+
+
+@dataclass(frozen=True)
+class StackUrls:
+    """Where a running stack answers.
+
+    Attributes:
+        http: the page, HTTP API and management API base, ``http://host:port``.
+        ws: the WebSocket URL, ``ws://host:port/ws``.
+        upstash: the Upstash-compatible endpoint.
+    """
+
+    http: str
+    ws: str
+    upstash: str
+
+    @property
+    def api(self) -> str:
+        """The HTTP API's base URL."""
+        return f"{self.http}/api"
+
+    def join(self, session: str, name: str | None = None) -> str:
+        """A link that joins ``session`` (the page asks for a name when none is given)."""
+        from urllib.parse import urlencode
+
+        query = {"session": session} | ({"name": name} if name else {})
+        return f"{self.http}/join?{urlencode(query)}"
+
+
+# ---------------------------------------------------------------------------
+# Sender and turn worker
+# ---------------------------------------------------------------------------
+
+
+class LocalSender(InMemorySender):
+    """The in-memory sender, wired to the gateway's real sockets.
+
+    Frames are delivered by the gateway (``on_deliver``); ``close``
+    (DeleteConnection, e.g. when a session is ended) also closes the socket.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gateway: Gateway | None = None
+
+    def attach(self, gateway: Gateway) -> None:
+        """Deliver through ``gateway`` from now on."""
+        self.gateway = gateway
+        self.on_deliver = gateway.deliver
+
+    async def close(self, connection_id: str) -> None:
+        """DeleteConnection: forget it here and close its socket (``$disconnect`` runs)."""
+        await super().close(connection_id)
+        gateway = self.gateway
+        if gateway is None or gateway.loop is None:
+            return
+        future = gateway.close_connection(connection_id, 1000, "")
+        if isinstance(future, asyncio.Future):
+            return  # on the gateway's own loop: it runs on its own
+        with contextlib.suppress(Exception):
+            await asyncio.wrap_future(future)
+
+
+
+class TurnWorker:
+    """Runs the turn handler for queued turns: per session in order, one batch at a time.
+
+    Like an SQS FIFO event source: a session's turns are taken in batches of
+    up to 10 and handed to the handler as an SQS event; records it reports
+    in ``batchItemFailures`` (or the whole batch, if it raises) go back to the
+    front of that session's line and are retried with a growing backoff,
+    before any later turn; after ``max_attempts`` tries they are logged as
+    dead-lettered and dropped. Different sessions run in parallel.
+
+    Args:
+        queue: the in-memory queue the message handler fills.
+        invoke: runs the turn handler in a worker thread: ``invoke(event)``.
+        max_attempts: tries per turn.
+        backoff: seconds before the first retry; doubled for each further one.
+    """
+
+    def __init__(
+        self,
+        queue: InMemoryTurnQueue,
+        invoke: Callable[[dict[str, Any]], Any],
+        *,
+        max_attempts: int = 3,
+        backoff: float = 0.5,
+        batch_size: int = 10,
+    ) -> None:
+        self.queue = queue
+        self._invoke = invoke
+        self.max_attempts = max_attempts
+        self.backoff = backoff
+        self.batch_size = batch_size
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._stopping = False
+        self.dead_letters: list[TurnRequest] = []
+        self.processed = 0
+
+    def notify(self, turn: TurnRequest) -> None:
+        """``on_enqueue`` hook: called from a handler thread after a turn is queued."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(self._kick, turn.session_id)
+
+    def start(self) -> None:
+        """Start on the running loop; turns queued before now are picked up."""
+        self._loop = asyncio.get_running_loop()
+        self._stopping = False
+        for session_id in self.queue.sessions():
+            self._kick(session_id)
+
+    def _kick(self, session_id: str) -> None:
+        if self._stopping or session_id in self._tasks:
+            return  # the session's drain loop takes the new turn after its batch
+        task = asyncio.get_running_loop().create_task(
+            self._drain(session_id), name=f"rejoin-turns-{session_id}"
+        )
+        self._tasks[session_id] = task
+
+    async def _drain(self, session_id: str) -> None:
+        try:
+            while not self._stopping:
+                batch = self.queue.take(session_id, self.batch_size)
+                if not batch:
+                    break
+                await self._run_batch(session_id, batch)
+        finally:
+            # No await between the last take() and this: a turn queued now
+            # finds no task and starts a new one.
+            self._tasks.pop(session_id, None)
+
+    async def _run_batch(self, session_id: str, batch: list[TurnRequest]) -> None:
+        remaining = batch
+        attempt = 1
+        while remaining:
+            event = sqs_event(remaining, receive_count=attempt)
+            by_id = {rec["messageId"]: t for rec, t in zip(event["Records"], remaining, strict=True)}
+            turns = ",".join(t.turn_id for t in remaining)
+            turn_log.info("turn start session=%s turns=%s attempt=%d", session_id, turns, attempt)
+            started = time.monotonic()
+            try:
+                result = await self._invoke(event)
+                failures = (result or {}).get("batchItemFailures") or []
+                failed_ids = {f.get("itemIdentifier") for f in failures}
+                failed = [t for mid, t in by_id.items() if mid in failed_ids]
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                turn_log.exception("turn handler raised (session=%s)", session_id)
+                failed = list(remaining)
+            elapsed = time.monotonic() - started
+            done = len(remaining) - len(failed)
+            self.processed += done
+            turn_log.info(
+                "turn end session=%s ok=%d failed=%d (%.2f s)", session_id, done, len(failed), elapsed
+            )
+            if not failed:
+                return
+            if attempt >= self.max_attempts:
+                for turn in failed:
+                    self.dead_letters.append(turn)
+                    turn_log.error(
+                        "turn dead-lettered session=%s turn=%s after %d attempts",
+                        session_id, turn.turn_id, attempt,
+                    )
+                return
+            # Back at the front of the session's line: retried before later turns.
+            remaining = failed
+            delay = self.backoff * 2 ** (attempt - 1)
+            attempt += 1
+            await asyncio.sleep(delay)
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        """Let running batches finish (up to ``timeout``), then cancel; report leftovers."""
+        self._stopping = True
+        tasks = list(self._tasks.values())
+        if tasks:
+            done, pending = await asyncio.wait(tasks, timeout=timeout)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=2)
+        left = self.queue.pending()
+        if left:
+            turn_log.warning("%d queued turn(s) not run (the stack stopped)", len(left))
+
+
+def scheduled_event(now: float | None = None) -> dict[str, Any]:
+    """An EventBridge scheduled event, as the cleanup's schedule sends it."""
+    stamp = datetime.fromtimestamp(time.time() if now is None else now, UTC)
+    return {
+        "version": "0",
+        "id": str(uuid.uuid4()),
+        "detail-type": "Scheduled Event",
+        "source": "aws.events",
+        "account": "000000000000",
+        "time": stamp.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "region": "us-east-1",
+        "resources": ["arn:aws:events:us-east-1:000000000000:rule/rejoin-local-cleanup"],
+        "detail": {},
+    }
+
+
+# ---------------------------------------------------------------------------
+# The stack
+# ---------------------------------------------------------------------------
+
+_USER_SLUG = re.compile(r"[^a-z0-9]+")
+
+
+class Stack:
+    """Everything of :mod:`rejoin_local` wired together.
+
+    Use :meth:`serve_in_thread` (tests) or :meth:`run` (the command line).
+    """
+
+    def __init__(self, config: StackConfig | None = None) -> None:
+        self.config = config or StackConfig()
+        self.executor = ThreadPoolExecutor(max_workers=32, thread_name_prefix="rejoin-handler")
+        self.sender = LocalSender()
+        self.queue = InMemoryTurnQueue()
+        self.gateway: Gateway | None = None
+        self.worker: TurnWorker | None = None
+        self.runtime: Runtime | None = None
+        self.settings: Settings | None = None
+        self.upstash_url: str | None = None
+        self.upstash_backend = ""
+        self.api_loaded = False
+        self._cleanup_task: asyncio.Task[None] | None = None
+        self.cleanup_runs = 0
+        self.on_started: Callable[[], None] | None = None
+
+    # -------------------------------------------------------------- handlers
+
+    async def _call(self, name: str, event: dict[str, Any], timeout: float) -> Any:
+        handler = load_handler(name)
+        context = LocalLambdaContext(f"rejoin-{name}", timeout_seconds=timeout)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, functools.partial(handler, event, context))
+
+    async def run_cleanup_once(self) -> Any:
+        """Run the cleanup handler now (also what the timer does)."""
+        result = await self._call("cleanup", scheduled_event(), 60.0)
+        self.cleanup_runs += 1
+        if isinstance(result, dict):
+            expired = result.get("expired") or []
+            stale = result.get("stale_connections") or []
+            if expired or stale:
+                cleanup_log.info(
+                    "cleanup: %d expired session(s) deleted, %d stale connection(s) dropped",
+                    len(expired), len(stale),
+                )
+            else:
+                cleanup_log.debug("cleanup: nothing to do")
+        return result
+
+    async def _cleanup_loop(self) -> None:
+        interval = self.config.cleanup_interval
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.run_cleanup_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                cleanup_log.exception("the cleanup failed (it runs again in %.0f s)", interval)
+
+    # ------------------------------------------------------------------ app
+
+    def _mint(self, session: str, name: str, user: str | None) -> dict[str, Any]:
+        from rejoin.tokens import mint_token
+
+        if not user:
+            slug = _USER_SLUG.sub("-", name.lower()).strip("-")[:24] or "user"
+            user = f"u-{slug}-{secrets.token_hex(3)}"
+        token = mint_token(
+            secret=self.config.signing_key,
+            session_id=session,
+            user_id=user,
+            name=name,
+            ttl_seconds=LOCAL_TOKEN_TTL,
+        )
+        return {"token": token, "session": session, "user": user, "name": name.strip(),
+                "expires_in": LOCAL_TOKEN_TTL}
+
+    async def _local_token(self, request: Request) -> Response:
+        try:
+            body = await request.json()
+        except ValueError:
+            return JSONResponse({"detail": "send JSON {session, name}"}, status_code=400)
+        if not isinstance(body, dict):
+            return JSONResponse({"detail": "send JSON {session, name}"}, status_code=400)
+        session, name, user = body.get("session"), body.get("name"), body.get("user")
+        if not isinstance(session, str) or not isinstance(name, str) or (
+            user is not None and not isinstance(user, str)
+        ):
+            return JSONResponse({"detail": "session and name must be strings"}, status_code=400)
+        try:
+            grant = self._mint(session, name, user)
+        except (RejoinError, ValueError) as exc:
+            return JSONResponse({"detail": str(exc)}, status_code=400)
+        log.info("minted a local token for session=%s user=%s", session, grant["user"])
+        return JSONResponse(grant, headers={"Cache-Control": "no-store"})
+
+    async def _index(self, request: Request) -> Response:
+        return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+    async def _local_info(self, request: Request) -> Response:
+        s = self.settings
+        assert s is not None
+        return JSONResponse({
+            "grace_seconds": s.grace_seconds,
+            "offline_model": not s.openai_api_key,
+            "model": s.model,
+            "cleanup_interval_seconds": self.config.cleanup_interval,
+        })
+
+    def _api_app(self) -> Any:
+        try:
+            app = load_api_app()
+            self.api_loaded = True
+            return app
+        except FileNotFoundError:
+            log.warning("functions/api/app.py is missing: /api answers 503")
+
+            async def missing(request: Request) -> Response:
+                return JSONResponse({"detail": "the HTTP API (functions/api) is not there yet"},
+                                    status_code=503)
+
+            return Starlette(routes=[Route("/{path:path}", missing,
+                                           methods=["GET", "POST", "PUT", "DELETE", "PATCH"])])
+
+    def build_app(self) -> Starlette:
+        """The gateway, the management API, the page and the HTTP API, as one ASGI app."""
+        assert self.gateway is not None and self.worker is not None
+        gateway, worker = self.gateway, self.worker
+
+        @contextlib.asynccontextmanager
+        async def lifespan(app: Starlette) -> AsyncIterator[None]:
+            await gateway.start()
+            worker.start()
+            self._cleanup_task = asyncio.create_task(self._cleanup_loop(), name="rejoin-cleanup")
+            if self.on_started is not None:
+                self.on_started()  # the socket is bound already: connections queue until served
+            try:
+                yield
+            finally:
+                self._cleanup_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._cleanup_task
+                await gateway.stop()
+                await worker.stop()
+                await asyncio.to_thread(self.executor.shutdown, wait=True, cancel_futures=True)
+
+        routes: list[BaseRoute] = [
+            *gateway.routes(),
+            Route("/", self._index, methods=["GET"]),
+            Route("/join", self._index, methods=["GET"]),
+            Route("/local/info", self._local_info, methods=["GET"]),
+            Mount("/static", app=StaticFiles(directory=STATIC_DIR), name="static"),
+            Mount("/api", app=self._api_app()),
+        ]
+        if self.config.local_tokens:
+            routes.insert(3, Route("/local/token", self._local_token, methods=["POST"]))
+        return Starlette(routes=routes, lifespan=lifespan)
+
+    # -------------------------------------------------------------- wiring
+
+    @contextlib.contextmanager
+    def prepared(self) -> Iterator[Starlette]:
+        """Start the Upstash endpoint, install the runtime, load the handlers, build the app."""
+        cfg = self.config
+        with contextlib.ExitStack() as stack:
+            if cfg.upstash_url:
+                self.upstash_url = cfg.upstash_url
+                self.upstash_backend = "given"
+            else:
+                from .upstash_rest import create_app as create_upstash
+                from .upstash_rest import serve as serve_upstash
+
+                upstash_app = create_upstash(redis_url=cfg.redis_url, token=cfg.upstash_token)
+                try:
+                    running = stack.enter_context(
+                        serve_upstash(upstash_app, cfg.host, cfg.upstash_port)
+                    )
+                except OSError as exc:
+                    raise SystemExit(
+                        f"cannot listen on {cfg.host}:{cfg.upstash_port} for the Upstash "
+                        f"endpoint ({exc.strerror}): pick another with --upstash-port"
+                    ) from None
+                self.upstash_url = running.url
+                self.upstash_backend = (
+                    f"Redis at {_redact(cfg.redis_url)}" if cfg.redis_url else "embedded store"
+                )
+            self.settings = cfg.settings(self.upstash_url)
+            self.runtime = Runtime(self.settings, sender=self.sender, queue=self.queue)
+            set_runtime(self.runtime)
+            stack.callback(set_runtime, None)
+
+            for name in ("connect", "message", "disconnect", "turn", "cleanup"):
+                try:
+                    load_handler(name)
+                except FileNotFoundError:
+                    raise SystemExit(
+                        f"functions/{name}/app.py is missing: the stack needs every handler"
+                    ) from None
+
+            gateway = Gateway(
+                connect=load_handler("connect"),
+                message=load_handler("message"),
+                disconnect=load_handler("disconnect"),
+                config=GatewayConfig(idle_timeout=cfg.idle_timeout, max_duration=cfg.max_duration),
+                executor=self.executor,
+                on_open=self.sender.open,
+                on_close=self.sender.close_socket,
+            )
+            self.gateway = gateway
+            self.sender.attach(gateway)
+
+            async def invoke_turn(event: dict[str, Any]) -> Any:
+                return await self._call("turn", event, 900.0)
+
+            self.worker = TurnWorker(
+                self.queue, invoke_turn, max_attempts=cfg.turn_attempts, backoff=cfg.turn_backoff
+            )
+            self.queue.on_enqueue = self.worker.notify
+            yield self.build_app()
+
+    @contextlib.contextmanager
+    def serve_in_thread(self) -> Iterator[StackUrls]:
+        """Run the stack in background threads (tests); stops when the block exits."""
+        with self.prepared() as app, serve_gateway(
+            app, self.gateway, self.config.host, self.config.port
+        ) as running:
+            yield self._urls(running)
+
+    def _urls(self, running: RunningServer) -> StackUrls:
+        assert self.upstash_url is not None
+        return StackUrls(http=running.url, ws=f"{running.ws_url}/ws", upstash=self.upstash_url)
+
+    def describe(self, urls: StackUrls) -> str:
+        """The startup banner: where everything is, and how it is configured."""
+        s = self.settings
+        assert s is not None
+        if not s.openai_api_key:
+            model = "offline stand-in model (OPENAI_API_KEY is not set)"
+        elif s.openai_base_url:
+            model = f"{s.model} at {s.openai_base_url}"
+        else:
+            model = f"{s.model} (OpenAI)"
+        key_note = (
+            "the documented local default (set REJOIN_TOKEN_SECRET to change it)"
+            if self.config.signing_key == DEFAULT_SIGNING_KEY
+            else "from REJOIN_TOKEN_SECRET"
+        )
+        admin = (
+            f"{DEFAULT_ADMIN_KEY} (local default)"
+            if s.admin_key == DEFAULT_ADMIN_KEY
+            else "from REJOIN_ADMIN_KEY"
+        )
+        lines = [
+            "rejoin local stack is up",
+            f"  chat page       {urls.http}/   (pick a session and a name)",
+            f"  join link       {urls.join('demo')}",
+            f"  WebSocket       {urls.ws}?session=<id>&token=<jwt>",
+            f"  HTTP API        {urls.api}/   (docs: {urls.api}/docs)"
+            + ("" if self.api_loaded else "   [functions/api missing: 503]"),
+            f"  @connections    {urls.http}/@connections/{{id}}",
+            f"  Upstash REST    {urls.upstash}   ({self.upstash_backend}, "
+            f"token {self.config.upstash_token})",
+            f"  model           {model}",
+            f"  grace {s.grace_seconds} s, cleanup every {self.config.cleanup_interval:g} s, "
+            f"idle timeout {self.config.idle_timeout:g} s, reply mode {s.reply_mode}",
+            f"  token key       {key_note}",
+            f"  admin key       {admin}",
+            "  terminal client: bash scripts/dev.sh client --session demo --name Ada",
+            "Press Ctrl-C to stop.",
+        ]
+        if self.config.host not in ("127.0.0.1", "localhost", "::1"):
+            lines.insert(1, f"  WARNING: listening on {self.config.host}: anyone who reaches it "
+                            "can mint tokens through /local/token")
+        return "\n".join(lines)
+
+    def run(self) -> int:
+        """Serve in the foreground until Ctrl-C (or SIGTERM); stop cleanly."""
+        cfg = self.config
+        try:
+            sock = bind(cfg.host, cfg.port)
+        except OSError as exc:
+            print(f"cannot listen on {cfg.host}:{cfg.port} ({exc.strerror}): "
+                  "pick another port with --port", file=sys.stderr)
+            return 1
+        try:
+            with self.prepared() as app:
+                host, port = client_address(sock)
+                shown = f"[{host}]" if ":" in host else host
+                urls = StackUrls(http=f"http://{shown}:{port}", ws=f"ws://{shown}:{port}/ws",
+                                 upstash=self.upstash_url or "")
+                server = uvicorn.Server(uvicorn_config(app, self.gateway))
+                self.on_started = lambda: print(self.describe(urls), flush=True)
+                try:
+                    server.run(sockets=[sock])
+                except KeyboardInterrupt:
+                    pass  # uvicorn shut down gracefully, then re-raised the Ctrl-C
+                log.info("stopping: sockets closed, worker and cleanup stopped")
+        except KeyboardInterrupt:
+            pass
+        finally:
+            sock.close()
+        log.info("stopped")
+        return 0
+
+
+def _redact(url: str | None) -> str:
+    if not url:
+        return ""
+    return re.sub(r"//([^:/@]*):([^@]*)@", r"//\1:***@", url)
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m rejoin_local",
+        description="Run the whole rejoin stack on this machine: Upstash-compatible endpoint, "
+        "WebSocket gateway, HTTP API, turn worker, cleanup and the chat page.",
+    )
+    p.add_argument("--host", help="interface to bind (env REJOIN_HOST, default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="gateway/page/API port (env REJOIN_PORT, default 8080)")
+    p.add_argument("--upstash-port", type=int,
+                   help="Upstash-compatible endpoint port (env REJOIN_UPSTASH_PORT, default 8079)")
+    p.add_argument("--redis-url", help="front a real Redis (env REDIS_URL; default: embedded store)")
+    p.add_argument("--grace", type=int, metavar="SECONDS",
+                   help="reconnect grace period (env REJOIN_GRACE_SECONDS, default 120)")
+    p.add_argument("--cleanup-interval", type=float, metavar="SECONDS",
+                   help="seconds between cleanups (env REJOIN_CLEANUP_INTERVAL_SECONDS, default 60)")
+    p.add_argument("--idle-timeout", type=float, metavar="SECONDS",
+                   help="gateway idle timeout (env REJOIN_IDLE_TIMEOUT_SECONDS, default 600)")
+    p.add_argument("--verbose", "-v", action="store_true",
+                   help="also show the handlers' own JSON logs (INFO)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m rejoin_local``."""
+    args = _parser().parse_args(argv)
+    # Handlers read these at import: quiet JSON logs and no EMF metric blobs on stdout.
+    os.environ.setdefault("POWERTOOLS_SERVICE_NAME", "rejoin-local")
+    os.environ.setdefault("POWERTOOLS_LOG_LEVEL", "INFO" if args.verbose else "WARNING")
+    os.environ.setdefault("POWERTOOLS_METRICS_DISABLED", "true")
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("httpx", "httpcore", "openai", "openai.agents"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    config = StackConfig.from_env()
+    overrides: dict[str, Any] = {}
+    if args.host:
+        overrides["host"] = args.host
+    if args.port is not None:
+        overrides["port"] = args.port
+    if args.upstash_port is not None:
+        overrides["upstash_port"] = args.upstash_port
+    if args.redis_url:
+        overrides["redis_url"] = args.redis_url
+    if args.grace is not None:
+        overrides["grace_seconds"] = args.grace
+    if args.cleanup_interval is not None:
+        overrides["cleanup_interval"] = args.cleanup_interval
+    if args.idle_timeout is not None:
+        overrides["idle_timeout"] = args.idle_timeout
+    config = replace(config, **overrides)
+    try:
+        return Stack(config).run()
+    except KeyboardInterrupt:
+        return 0

@@ -1,0 +1,752 @@
+// rejoin's local chat page: the client protocol of docs/protocol.md, no build step.
+//
+// One WebSocket per page. The first frame on every connection is `resume`
+// (with the epoch and the highest seq seen, once there is one); the answer is
+// `welcome`. Logged events are kept by seq (ordered, deduplicated), so a
+// replay after a drop shows exactly the missed events once. A welcome with a
+// new epoch means the old session ended while we were away: the page says so
+// and shows the fresh session.
+(() => {
+  "use strict";
+
+  const $ = (id) => document.getElementById(id);
+  const params = new URLSearchParams(location.search);
+  const storage = (() => {
+    try { return window.sessionStorage; } catch (_) { return null; }
+  })();
+
+  const SESSION_RE = /^[A-Za-z0-9_-]{1,128}$/;
+  const KEEPALIVE_MS = 4 * 60 * 1000; // well inside API Gateway's 10-minute idle timeout
+  const LOGGED = new Set(["message", "presence", "agent_message"]);
+
+  const state = {
+    session: null,
+    token: null,
+    name: null,
+    user: null,
+    minted: false, // the token came from /local/token: it can be minted again
+    epoch: null,
+    lastSeq: 0,
+    events: new Map(), // seq -> logged event
+    participants: new Map(), // user -> {user, name, status}
+    streams: new Map(), // turn -> Map(index -> text)
+    finishedTurns: new Set(),
+    pending: new Map(), // say id -> {text, acked}
+    parts: new Map(), // part id -> {count, data: []}
+    ws: null,
+    opened: false,
+    welcomed: false,
+    preWelcome: [],
+    status: "idle",
+    attempts: 0,
+    refusals: 0,
+    hold: false,
+    reconnectTimer: null,
+    left: false,
+    endedByServer: null,
+    agent: null,
+    mode: null,
+    graceSeconds: null,
+    lastSentAt: 0,
+    welcomes: [],
+    sessionsEnded: 0,
+  };
+
+  // ------------------------------------------------------------------ joining
+
+  function storageKey(session) { return "rejoin:" + session; }
+
+  function remember() {
+    if (!storage) return;
+    try {
+      storage.setItem(storageKey(state.session), JSON.stringify({
+        token: state.token, name: state.name, user: state.user, minted: state.minted,
+      }));
+    } catch (_) { /* private mode: fine */ }
+  }
+
+  function recall(session) {
+    if (!storage) return null;
+    try { return JSON.parse(storage.getItem(storageKey(session)) || "null"); } catch (_) { return null; }
+  }
+
+  async function mint(session, name, user) {
+    const response = await fetch("/local/token", {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ session, name, user: user || undefined }),
+    });
+    const body = await response.json().catch(() => ({}));
+    if (!response.ok) throw new Error(body.detail || body.message || ("HTTP " + response.status));
+    return body;
+  }
+
+  function randomId(prefix, n) {
+    const bytes = new Uint8Array(n);
+    crypto.getRandomValues(bytes);
+    return prefix + Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+  }
+
+  function showJoin(errorText) {
+    $("chat").hidden = true;
+    $("join").hidden = false;
+    const session = params.get("session");
+    $("join-session").value = session && SESSION_RE.test(session) ? session : randomId("room-", 3);
+    if (params.get("name")) $("join-name").value = params.get("name");
+    const err = $("join-error");
+    err.hidden = !errorText;
+    err.textContent = errorText || "";
+    ($("join-name").value ? $("join-session") : $("join-name")).focus();
+  }
+
+  async function joinWithName(session, name) {
+    const saved = recall(session);
+    const grant = await mint(session, name, saved && saved.name === name ? saved.user : null);
+    state.session = grant.session;
+    state.token = grant.token;
+    state.name = grant.name;
+    state.user = grant.user;
+    state.minted = true;
+    remember();
+    history.replaceState(null, "", "/join?session=" + encodeURIComponent(session));
+    startChat();
+  }
+
+  async function boot() {
+    const session = params.get("session");
+    if (session && !SESSION_RE.test(session)) {
+      showJoin("That session id is not valid: use 1-128 letters, digits, _ or -.");
+      return;
+    }
+    if (session && params.get("token")) {
+      state.session = session;
+      state.token = params.get("token");
+      startChat();
+      return;
+    }
+    if (session) {
+      const saved = recall(session);
+      if (saved && saved.token) {
+        Object.assign(state, { session, token: saved.token, name: saved.name, user: saved.user,
+          minted: !!saved.minted });
+        startChat();
+        return;
+      }
+      if (params.get("name")) {
+        try {
+          await joinWithName(session, params.get("name"));
+        } catch (exc) {
+          showJoin("Could not get a token: " + exc.message);
+        }
+        return;
+      }
+    }
+    showJoin();
+  }
+
+  $("join-form").addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const session = $("join-session").value.trim();
+    const name = $("join-name").value.trim();
+    if (!SESSION_RE.test(session)) {
+      showJoin("Session ids are 1-128 letters, digits, _ or -.");
+      return;
+    }
+    if (!name) return;
+    try {
+      await joinWithName(session, name);
+    } catch (exc) {
+      showJoin("Could not get a token: " + exc.message);
+    }
+  });
+
+  function startChat() {
+    $("join").hidden = true;
+    $("chat").hidden = false;
+    $("session-name").textContent = state.session;
+    document.title = state.session + " - rejoin";
+    const invite = location.origin + "/join?session=" + encodeURIComponent(state.session);
+    $("invite-link").href = invite;
+    $("invite-link").textContent = invite;
+    connect();
+    $("text").focus();
+  }
+
+  // --------------------------------------------------------------- connection
+
+  function wsUrl() {
+    const proto = location.protocol === "https:" ? "wss:" : "ws:";
+    const query = new URLSearchParams({ session: state.session, token: state.token });
+    return proto + "//" + location.host + "/ws?" + query.toString();
+  }
+
+  function setStatus(status) {
+    state.status = status;
+    const labels = {
+      idle: "not connected",
+      connecting: "connecting...",
+      reconnecting: "reconnecting...",
+      open: "connected",
+      left: "left",
+      ended: "session ended",
+    };
+    const el = $("status");
+    el.textContent = labels[status] || status;
+    el.className = "status status-" + status;
+    updateComposer();
+  }
+
+  function connect() {
+    clearTimeout(state.reconnectTimer);
+    state.reconnectTimer = null;
+    if (state.ws) return;
+    setStatus(state.attempts > 0 || state.epoch ? "reconnecting" : "connecting");
+    const ws = new WebSocket(wsUrl());
+    state.ws = ws;
+    state.opened = false;
+    state.welcomed = false;
+    state.preWelcome = [];
+    state.parts.clear();
+    ws.onopen = () => {
+      if (ws !== state.ws) return;
+      state.opened = true;
+      sendResume();
+    };
+    ws.onmessage = (event) => {
+      if (ws !== state.ws) return;
+      onText(event.data);
+    };
+    ws.onerror = () => { /* onclose follows */ };
+    ws.onclose = (event) => {
+      if (ws !== state.ws) return;
+      state.ws = null;
+      onClosed(event);
+    };
+  }
+
+  function sendResume() {
+    const frame = { action: "resume" };
+    if (state.epoch) {
+      frame.epoch = state.epoch;
+      frame.last_seq = state.lastSeq;
+    }
+    sendRaw(frame);
+  }
+
+  function sendRaw(frame) {
+    const ws = state.ws;
+    if (!ws || ws.readyState !== WebSocket.OPEN) return false;
+    ws.send(JSON.stringify(frame));
+    state.lastSentAt = Date.now();
+    return true;
+  }
+
+  function onClosed(event) {
+    const wasOpen = state.opened;
+    state.opened = false;
+    state.welcomed = false;
+    if (state.left) {
+      setStatus("left");
+      return;
+    }
+    if (state.endedByServer) {
+      setStatus("ended");
+      return;
+    }
+    if (!wasOpen) state.refusals += 1;
+    state.attempts += 1;
+    setStatus("reconnecting");
+    if (state.refusals >= 3) {
+      showError("connect", "The server refused the connection (is the link's token valid?). Still trying.");
+    }
+    if (event && event.code === 1009) {
+      showError("too_large", "The connection was closed: a message was too large.");
+    }
+    if (state.hold) return;
+    scheduleReconnect();
+  }
+
+  function scheduleReconnect(delay) {
+    clearTimeout(state.reconnectTimer);
+    const wait = delay !== undefined ? delay
+      : Math.min(10000, 250 * Math.pow(2, Math.min(state.attempts - 1, 6)));
+    state.reconnectTimer = setTimeout(async () => {
+      state.reconnectTimer = null;
+      if (state.minted && state.refusals >= 2) {
+        // A locally minted token may have expired: mint a fresh one for the same user.
+        try {
+          const grant = await mint(state.session, state.name, state.user);
+          state.token = grant.token;
+          remember();
+        } catch (_) { /* try again with the old one */ }
+      }
+      connect();
+    }, wait);
+  }
+
+  setInterval(() => {
+    if (state.welcomed && Date.now() - state.lastSentAt > KEEPALIVE_MS) sendRaw({ action: "ping" });
+  }, 30 * 1000);
+
+  // ------------------------------------------------------------------- frames
+
+  function onText(text) {
+    let frame;
+    try {
+      frame = JSON.parse(text);
+    } catch (_) {
+      showError("internal", "The server sent a frame that is not JSON.");
+      return;
+    }
+    handleFrame(frame);
+  }
+
+  function handleFrame(frame) {
+    if (!frame || typeof frame !== "object") return;
+    if (frame.type === "part") { onPart(frame); return; }
+    if (frame.type === "welcome") { onWelcome(frame); return; }
+    if (!state.welcomed && (LOGGED.has(frame.type) || frame.type === "agent_delta")) {
+      // A live frame that overtook the welcome: apply it after the welcome.
+      state.preWelcome.push(frame);
+      return;
+    }
+    switch (frame.type) {
+      case "message":
+      case "presence":
+      case "agent_message":
+        addEvent(frame, true);
+        render();
+        break;
+      case "agent_delta":
+        onDelta(frame);
+        break;
+      case "ack":
+        onAck(frame);
+        break;
+      case "pong":
+        break;
+      case "ended":
+        onEnded(frame);
+        break;
+      case "error":
+        onError(frame);
+        break;
+      default:
+        if (typeof frame.message === "string" && frame.connectionId) {
+          // API Gateway's own answer when a handler failed or timed out.
+          showError("gateway", "Gateway: " + frame.message);
+        }
+    }
+  }
+
+  function onPart(frame) {
+    const { id, index, count, data } = frame;
+    if (typeof id !== "string" || !(count > 0) || !(index >= 0 && index < count)) return;
+    let entry = state.parts.get(id);
+    if (!entry) {
+      entry = { count, data: new Array(count), received: 0 };
+      state.parts.set(id, entry);
+    }
+    if (entry.data[index] === undefined) {
+      entry.data[index] = String(data);
+      entry.received += 1;
+    }
+    if (entry.received === entry.count) {
+      state.parts.delete(id);
+      onText(entry.data.join(""));
+    }
+  }
+
+  function onWelcome(w) {
+    const freshSession = state.epoch !== null && w.epoch !== state.epoch;
+    if (freshSession) {
+      state.sessionsEnded += 1;
+      state.events.clear();
+      state.streams.clear();
+      state.finishedTurns.clear();
+      state.lastSeq = 0;
+      const grace = w.grace_seconds || state.graceSeconds;
+      showNotice("ended",
+        "Session ended: everyone was away for longer than the " +
+        (grace ? grace + "-second " : "") + "grace period, so the old conversation was " +
+        "deleted. You are now in a fresh session with an empty history.");
+    }
+    state.epoch = w.epoch;
+    state.graceSeconds = w.grace_seconds || state.graceSeconds;
+    state.mode = w.mode || state.mode;
+    if (w.you) {
+      state.user = w.you.user;
+      state.name = w.you.name;
+      remember();
+    }
+    if (w.agent) showAgent(w.agent);
+    state.participants.clear();
+    for (const p of w.participants || []) state.participants.set(p.user, { ...p });
+    if (w.recovered) {
+      for (const e of w.events || []) addEvent(e, false);
+    } else {
+      state.events.clear();
+      for (const e of w.transcript || []) addEvent(e, false);
+    }
+    if (typeof w.seq === "number") state.lastSeq = Math.max(state.lastSeq, w.seq);
+    state.welcomes.push({
+      epoch: w.epoch, resumed: !!w.resumed, recovered: !!w.recovered, seq: w.seq,
+      events: (w.events || []).map((e) => e.seq),
+      transcript: w.transcript ? w.transcript.length : null,
+    });
+    state.welcomed = true;
+    state.attempts = 0;
+    state.refusals = 0;
+    clearErrors("connect");
+    setStatus("open");
+    const early = state.preWelcome;
+    state.preWelcome = [];
+    for (const frame of early) handleFrame(frame);
+    // Messages sent while disconnected (or not yet acknowledged): ids make retries safe.
+    for (const [id, say] of state.pending) sendRaw({ action: "say", id, text: say.text });
+    render();
+  }
+
+  function addEvent(e, live) {
+    if (!e || typeof e.seq !== "number" || !LOGGED.has(e.type)) return;
+    if (state.events.has(e.seq)) return; // each seq once
+    state.events.set(e.seq, e);
+    state.lastSeq = Math.max(state.lastSeq, e.seq);
+    if (e.type === "message") {
+      if (e.user === state.user) state.pending.delete(e.id);
+      if (live && !state.participants.has(e.user)) {
+        state.participants.set(e.user, { user: e.user, name: e.name, status: "active" });
+      }
+    } else if (e.type === "agent_message") {
+      state.finishedTurns.add(e.turn);
+      state.streams.delete(e.turn);
+    } else if (e.type === "presence" && live) {
+      // The welcome's participants are current; replayed presence is history.
+      state.participants.set(e.user, { user: e.user, name: e.name, status: e.status });
+    }
+  }
+
+  function onDelta(d) {
+    if (typeof d.turn !== "string" || state.finishedTurns.has(d.turn)) return;
+    let deltas = state.streams.get(d.turn);
+    if (!deltas) {
+      deltas = new Map();
+      state.streams.set(d.turn, deltas);
+    }
+    if (!deltas.has(d.index)) deltas.set(d.index, String(d.text || ""));
+    renderLive();
+  }
+
+  function onAck(a) {
+    const say = state.pending.get(a.id);
+    if (!say) return;
+    const logged = state.events.get(a.seq);
+    if (logged && logged.type === "message" && logged.id === a.id) state.pending.delete(a.id);
+    else say.acked = true;
+    renderLive();
+  }
+
+  function onEnded(frame) {
+    state.endedByServer = frame.reason || "ended";
+    showNotice("ended", "Session ended by the server (" + state.endedByServer + ").");
+    setStatus("ended");
+    $("left-text").textContent = "This session was ended.";
+    $("left").hidden = false;
+  }
+
+  function onError(frame) {
+    const code = frame.code || "internal";
+    let text = frame.message || code;
+    if (code === "rate_limited" && frame.retry_after) {
+      text += " (retrying in " + Math.ceil(frame.retry_after) + " s)";
+      const say = frame.id && state.pending.get(frame.id);
+      if (say) {
+        setTimeout(() => {
+          if (state.pending.has(frame.id)) sendRaw({ action: "say", id: frame.id, text: say.text });
+        }, Math.ceil(frame.retry_after * 1000));
+      }
+    } else if (code === "not_joined") {
+      sendResume();
+    } else if (code === "session_gone") {
+      text = "The session is gone; reconnecting starts a fresh one.";
+      if (state.ws) state.ws.close(4001, "session gone");
+    } else if (code === "turn_failed") {
+      text = "The agent's reply failed; it is retried automatically.";
+    } else if (frame.id && state.pending.has(frame.id)) {
+      state.pending.delete(frame.id); // refused: it will never be logged
+      renderLive();
+    }
+    showError(code, text);
+  }
+
+  // ------------------------------------------------------------------ actions
+
+  function say(text) {
+    const id = randomId("c-", 8);
+    state.pending.set(id, { text, acked: false });
+    if (state.welcomed) sendRaw({ action: "say", id, text });
+    renderLive();
+  }
+
+  $("composer").addEventListener("submit", (event) => {
+    event.preventDefault();
+    const box = $("text");
+    const text = box.value.trim();
+    if (!text || state.left || state.endedByServer) return;
+    say(text);
+    box.value = "";
+    box.focus();
+  });
+
+  $("text").addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+      event.preventDefault();
+      $("composer").requestSubmit();
+    }
+  });
+
+  $("leave").addEventListener("click", () => {
+    state.left = true;
+    sendRaw({ action: "leave" });
+    if (state.ws) state.ws.close(1000, "left");
+    else setStatus("left");
+    clearTimeout(state.reconnectTimer);
+    $("left-text").textContent = "You left the session.";
+    $("left").hidden = false;
+  });
+
+  $("rejoin").addEventListener("click", () => {
+    state.left = false;
+    state.endedByServer = null;
+    $("left").hidden = true;
+    connect();
+  });
+
+  $("notice-close").addEventListener("click", () => { $("notice").hidden = true; });
+
+  function updateComposer() {
+    const blocked = state.left || !!state.endedByServer;
+    $("send").disabled = blocked;
+    $("leave").disabled = blocked;
+    $("composer").hidden = blocked;
+  }
+
+  // ---------------------------------------------------------------- rendering
+
+  function showAgent(agent) {
+    state.agent = { ...agent };
+    const badge = $("agent-badge");
+    badge.hidden = false;
+    if (agent.offline) {
+      badge.textContent = "offline stand-in model";
+      badge.className = "badge offline";
+      badge.title = "OPENAI_API_KEY is not set: a deterministic stand-in answers instead of a real model.";
+    } else {
+      badge.textContent = "model: " + (agent.model || "?");
+      badge.className = "badge";
+      badge.title = "";
+    }
+  }
+
+  function showNotice(kind, text) {
+    const notice = $("notice");
+    notice.className = "notice " + kind;
+    $("notice-text").textContent = text;
+    notice.hidden = false;
+  }
+
+  function showError(code, text) {
+    const box = $("errors");
+    const el = document.createElement("div");
+    el.className = "error";
+    el.dataset.code = code;
+    el.textContent = text;
+    box.appendChild(el);
+    while (box.children.length > 3) box.removeChild(box.firstChild);
+    setTimeout(() => el.remove(), 8000);
+  }
+
+  function clearErrors(code) {
+    for (const el of Array.from($("errors").children)) {
+      if (el.dataset.code === code) el.remove();
+    }
+  }
+
+  function formatTime(ts) {
+    if (typeof ts !== "number") return "";
+    return new Date(ts).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+  }
+
+  function eventElement(e) {
+    const li = document.createElement("li");
+    li.dataset.seq = String(e.seq);
+    li.dataset.type = e.type;
+    if (e.type === "presence") {
+      li.className = "event presence";
+      const verb = { active: "is here", away: "is away", left: "left" }[e.status] || e.status;
+      li.textContent = (e.name || e.user) + " " + verb;
+      return li;
+    }
+    const mine = e.type === "message" && e.user === state.user;
+    li.className = "event " + (e.type === "agent_message" ? "agent" : "message") + (mine ? " mine" : "");
+    if (e.type === "message") li.dataset.id = e.id;
+    if (e.type === "agent_message") li.dataset.turn = e.turn;
+    const meta = document.createElement("div");
+    meta.className = "meta";
+    meta.textContent = (e.type === "agent_message" ? "agent" : (e.name || e.user)) +
+      (e.ts ? " \u00b7 " + formatTime(e.ts) : "");
+    const bubble = document.createElement("div");
+    bubble.className = "bubble";
+    bubble.textContent = e.text;
+    li.append(meta, bubble);
+    return li;
+  }
+
+  function nearBottom() {
+    const s = $("scroller");
+    return s.scrollHeight - s.scrollTop - s.clientHeight < 80;
+  }
+
+  function scrollDown(stick) {
+    if (stick) {
+      const s = $("scroller");
+      s.scrollTop = s.scrollHeight;
+    }
+  }
+
+  function renderParticipants() {
+    const list = $("participants");
+    list.replaceChildren();
+    const people = Array.from(state.participants.values());
+    const order = { active: 0, away: 1, left: 2 };
+    people.sort((a, b) => (order[a.status] ?? 3) - (order[b.status] ?? 3) ||
+      String(a.name).localeCompare(String(b.name)));
+    for (const p of people) {
+      const li = document.createElement("li");
+      li.className = "person presence-" + p.status;
+      li.dataset.user = p.user;
+      li.dataset.status = p.status;
+      const dot = document.createElement("span");
+      dot.className = "presence-dot";
+      const who = document.createElement("span");
+      who.className = "who";
+      who.textContent = p.name || p.user;
+      const label = document.createElement("span");
+      label.className = "presence-label";
+      label.textContent = p.status;
+      li.append(dot, who);
+      if (p.user === state.user) {
+        const you = document.createElement("span");
+        you.className = "you";
+        you.textContent = "(you)";
+        li.append(you);
+      }
+      li.append(label);
+      list.append(li);
+    }
+  }
+
+  function renderEvents() {
+    const list = $("events");
+    const shown = new Map();
+    for (const li of Array.from(list.children)) {
+      const seq = Number(li.dataset.seq);
+      if (state.events.has(seq)) shown.set(seq, li);
+      else li.remove(); // cleared (a fresh session)
+    }
+    const seqs = Array.from(state.events.keys()).sort((a, b) => a - b);
+    let previous = null;
+    for (const seq of seqs) {
+      let li = shown.get(seq);
+      if (!li) {
+        li = eventElement(state.events.get(seq));
+        if (previous) previous.after(li);
+        else list.prepend(li);
+      }
+      previous = li;
+    }
+  }
+
+  function renderLive() {
+    const stick = nearBottom();
+    const list = $("live");
+    list.replaceChildren();
+    for (const [turn, deltas] of state.streams) {
+      const li = document.createElement("li");
+      li.className = "event agent streaming";
+      li.dataset.turn = turn;
+      const meta = document.createElement("div");
+      meta.className = "meta";
+      meta.textContent = "agent \u00b7 typing";
+      const bubble = document.createElement("div");
+      bubble.className = "bubble";
+      bubble.textContent = Array.from(deltas.keys()).sort((a, b) => a - b)
+        .map((i) => deltas.get(i)).join("");
+      li.append(meta, bubble);
+      list.append(li);
+    }
+    for (const [id, say] of state.pending) {
+      const li = document.createElement("li");
+      li.className = "event message mine pending";
+      li.dataset.pending = id;
+      const meta = document.createElement("div");
+      meta.className = "meta";
+      meta.textContent = (state.name || "you") + " \u00b7 " + (say.acked ? "sent" : "sending...");
+      const bubble = document.createElement("div");
+      bubble.className = "bubble";
+      bubble.textContent = say.text;
+      li.append(meta, bubble);
+      list.append(li);
+    }
+    scrollDown(stick);
+  }
+
+  function render() {
+    const stick = nearBottom();
+    renderParticipants();
+    renderEvents();
+    renderLive();
+    scrollDown(stick);
+  }
+
+  // ---------------------------------------------------------------- test hook
+
+  function snapshot() {
+    const seqs = Array.from(state.events.keys()).sort((a, b) => a - b);
+    return {
+      status: state.status,
+      session: state.session,
+      user: state.user,
+      name: state.name,
+      epoch: state.epoch,
+      lastSeq: state.lastSeq,
+      connected: !!state.ws && state.welcomed,
+      events: seqs.map((seq) => {
+        const e = state.events.get(seq);
+        return { seq, type: e.type, user: e.user, text: e.text, status: e.status, turn: e.turn, id: e.id };
+      }),
+      participants: Array.from(state.participants.values()).map((p) => ({ ...p })),
+      streams: Array.from(state.streams.keys()),
+      pending: Array.from(state.pending.keys()),
+      welcomes: state.welcomes.map((w) => ({ ...w })),
+      sessionsEnded: state.sessionsEnded,
+      agent: state.agent,
+    };
+  }
+
+  window.rejoinDebug = {
+    // Simulate a network drop: the socket closes without `leave`. With
+    // {hold: true} the page stays disconnected until release().
+    dropConnection(options) {
+      state.hold = !!(options && options.hold);
+      if (state.ws) state.ws.close(4000, "simulated drop");
+    },
+    release() {
+      state.hold = false;
+      if (!state.ws && !state.left) scheduleReconnect(0);
+    },
+    get state() { return snapshot(); },
+  };
+
+  boot();
+})();

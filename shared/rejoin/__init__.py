@@ -1,0 +1,24 @@
+"""rejoin: real-time multi-user conversations with an Agents SDK agent.
+
+The public surface is small; everything else lives in private modules or in
+feature modules imported on demand (the Agents SDK is imported only by the
+parts that run the agent).
+"""
+
+from __future__ import annotations
+
+from ._lua import RedisClient
+from .client import upstash_client, upstash_client_from_env
+from .errors import RejoinError
+from .keys import SessionKeys, validate_session_id
+from .session import UpstashSession
+
+__all__ = [
+    "RedisClient",
+    "RejoinError",
+    "SessionKeys",
+    "UpstashSession",
+    "upstash_client",
+    "upstash_client_from_env",
+    "validate_session_id",
+]

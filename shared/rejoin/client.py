@@ -1,0 +1,93 @@
+"""Upstash clients with a finite timeout.
+
+``upstash-redis`` has no client-side timeout (its httpx client is built with
+``timeout=None``) and retries a failed request once after 3 s. On Lambda a
+hung request would eat the whole invocation, so rejoin always sets one.
+Retrying is safe for rejoin's own writes: every one is idempotent.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+import httpx
+
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from upstash_redis.asyncio import Redis
+
+__all__ = ["DEFAULT_TIMEOUT", "upstash_client", "upstash_client_from_env"]
+
+DEFAULT_TIMEOUT = 5.0
+
+
+def upstash_client(
+    url: str,
+    token: str,
+    *,
+    timeout: float = DEFAULT_TIMEOUT,
+    retries: int = 1,
+    retry_interval: float = 0.2,
+) -> Redis:
+    """Build an ``upstash_redis.asyncio.Redis`` with a request timeout.
+
+    Args:
+        url: the database's REST URL (``UPSTASH_REDIS_REST_URL``).
+        token: the database's REST token (``UPSTASH_REDIS_REST_TOKEN``).
+        timeout: seconds to wait for each HTTP request.
+        retries: how many times the client retries a request that failed.
+        retry_interval: seconds between retries.
+
+    Raises:
+        ConfigError: the URL or token is empty, or the timeout is not positive.
+    """
+    from upstash_redis.asyncio import Redis
+
+    if not url or not url.startswith(("http://", "https://")):
+        raise ConfigError("Upstash REST URL must start with https:// (or http:// locally)")
+    if not token:
+        raise ConfigError("Upstash REST token is empty")
+    if timeout <= 0:
+        raise ConfigError("timeout must be positive")
+    client = Redis(
+        url.rstrip("/"),
+        token,
+        rest_retries=retries,
+        rest_retry_interval=retry_interval,
+        allow_telemetry=False,
+    )
+    # The client offers no timeout option: set it on its httpx client.
+    http = getattr(getattr(client, "_http", None), "_client", None)
+    if not isinstance(http, httpx.AsyncClient):
+        raise ConfigError("unsupported upstash-redis version: cannot set a request timeout")
+    http.timeout = httpx.Timeout(timeout)
+    return client
+
+
+def upstash_client_from_env(
+    *,
+    timeout: float | None = None,
+    retries: int = 1,
+    retry_interval: float = 0.2,
+) -> Redis:
+    """Build a client from ``UPSTASH_REDIS_REST_URL`` and ``UPSTASH_REDIS_REST_TOKEN``.
+
+    The timeout defaults to ``REJOIN_UPSTASH_TIMEOUT`` (seconds), else 5 s.
+
+    Raises:
+        ConfigError: a variable is missing or malformed.
+    """
+    url = os.environ.get("UPSTASH_REDIS_REST_URL", "")
+    token = os.environ.get("UPSTASH_REDIS_REST_TOKEN", "")
+    if not url or not token:
+        raise ConfigError("set UPSTASH_REDIS_REST_URL and UPSTASH_REDIS_REST_TOKEN")
+    if timeout is None:
+        try:
+            timeout = float(os.environ.get("REJOIN_UPSTASH_TIMEOUT", DEFAULT_TIMEOUT))
+        except ValueError:
+            raise ConfigError("REJOIN_UPSTASH_TIMEOUT must be a number of seconds") from None
+    return upstash_client(
+        url, token, timeout=timeout, retries=retries, retry_interval=retry_interval
+    )

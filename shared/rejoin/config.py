@@ -1,0 +1,159 @@
+"""Settings, read once per cold start from the environment and Secrets Manager.
+
+Secrets never come from plain template parameters: on AWS each secret is named
+by an environment variable (``REJOIN_*_SECRET_NAME``) and read through
+Powertools Parameters, which caches it for the life of the container. Locally
+(``make dev``, tests) the plain variables below are used instead.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .errors import ConfigError
+
+__all__ = ["ReplyMode", "Settings", "load_secret"]
+
+ReplyMode = Literal["every", "addressed"]
+
+# Seconds a fetched secret is reused before Powertools fetches it again.
+SECRET_MAX_AGE = 3600
+
+
+def load_secret(name: str) -> str | dict[str, Any]:
+    """Read a secret from Secrets Manager, cached per container.
+
+    Raises:
+        ConfigError: the secret cannot be read (the message names it but never
+            shows its value).
+    """
+    from aws_lambda_powertools.utilities import parameters
+
+    try:
+        value = parameters.get_secret(name, max_age=SECRET_MAX_AGE)
+    except Exception as exc:  # Powertools wraps every failure differently
+        raise ConfigError(f"cannot read secret {name!r}: {type(exc).__name__}") from None
+    if isinstance(value, bytes):
+        value = value.decode()
+    if isinstance(value, str) and value.lstrip().startswith("{"):
+        import json
+
+        try:
+            parsed: dict[str, Any] = json.loads(value)
+            return parsed
+        except ValueError:
+            pass
+    if not isinstance(value, (str, dict)):
+        raise ConfigError(f"secret {name!r} is empty")
+    return value
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 1) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer, not {raw!r}") from None
+    if value < minimum:
+        raise ConfigError(f"{name} must be at least {minimum}")
+    return value
+
+
+def _secret_or_plain(env: Mapping[str, str], secret_var: str, plain_var: str) -> str | None:
+    name = env.get(secret_var)
+    if name:
+        value = load_secret(name)
+        if isinstance(value, dict):
+            raise ConfigError(f"secret named by {secret_var} must be a plain string")
+        return value
+    return env.get(plain_var) or None
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything rejoin's handlers need to know.
+
+    Build it with :meth:`from_env`; tests construct it directly.
+    """
+
+    upstash_url: str = ""
+    upstash_token: str = field(default="", repr=False)
+    upstash_timeout: float = 5.0
+    key_prefix: str = "rejoin"
+    token_secret: str | None = field(default=None, repr=False)
+    jwks_url: str | None = None
+    token_audience: str = "rejoin"
+    token_issuer: str | None = None
+    admin_key: str | None = field(default=None, repr=False)
+    openai_api_key: str | None = field(default=None, repr=False)
+    openai_base_url: str | None = None
+    model: str = "gpt-4.1-mini"
+    agent_name: str = "agent"
+    agent_instructions: str = (
+        "You take part in a group conversation. Messages start with the speaker's "
+        "name. Be brief and helpful; address people by name."
+    )
+    grace_seconds: int = 120
+    reply_mode: ReplyMode = "every"
+    rate_limit: int = 20
+    rate_window_seconds: int = 10
+    max_text: int = 4000
+    event_log_size: int = 500
+    idle_timeout_seconds: int = 600
+    turn_lease_seconds: int = 330
+    turn_queue_url: str | None = None
+    ws_endpoint: str | None = None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Read the settings; secrets from Secrets Manager where named.
+
+        Raises:
+            ConfigError: a variable is malformed or a named secret is unreadable.
+        """
+        env = os.environ if env is None else env
+        upstash_url = env.get("UPSTASH_REDIS_REST_URL", "")
+        upstash_token = env.get("UPSTASH_REDIS_REST_TOKEN", "")
+        if env.get("REJOIN_UPSTASH_SECRET"):
+            secret = load_secret(env["REJOIN_UPSTASH_SECRET"])
+            if not isinstance(secret, dict) or not {"url", "token"} <= secret.keys():
+                raise ConfigError('REJOIN_UPSTASH_SECRET must hold JSON {"url": ..., "token": ...}')
+            upstash_url, upstash_token = str(secret["url"]), str(secret["token"])
+        mode = env.get("REJOIN_REPLY_MODE", "every")
+        if mode not in ("every", "addressed"):
+            raise ConfigError(f"REJOIN_REPLY_MODE must be 'every' or 'addressed', not {mode!r}")
+        try:
+            timeout = float(env.get("REJOIN_UPSTASH_TIMEOUT", "5"))
+        except ValueError:
+            raise ConfigError("REJOIN_UPSTASH_TIMEOUT must be a number of seconds") from None
+        return cls(
+            upstash_url=upstash_url,
+            upstash_token=upstash_token,
+            upstash_timeout=timeout,
+            key_prefix=env.get("REJOIN_KEY_PREFIX", "rejoin"),
+            token_secret=_secret_or_plain(env, "REJOIN_TOKEN_SECRET_NAME", "REJOIN_TOKEN_SECRET"),
+            jwks_url=env.get("REJOIN_JWKS_URL") or None,
+            token_audience=env.get("REJOIN_TOKEN_AUDIENCE", "rejoin"),
+            token_issuer=env.get("REJOIN_TOKEN_ISSUER") or None,
+            admin_key=_secret_or_plain(env, "REJOIN_ADMIN_SECRET_NAME", "REJOIN_ADMIN_KEY"),
+            openai_api_key=_secret_or_plain(env, "REJOIN_OPENAI_SECRET_NAME", "OPENAI_API_KEY"),
+            openai_base_url=env.get("OPENAI_BASE_URL") or None,
+            model=env.get("REJOIN_MODEL", "gpt-4.1-mini"),
+            agent_name=env.get("REJOIN_AGENT_NAME", "agent"),
+            agent_instructions=env.get("REJOIN_AGENT_INSTRUCTIONS") or cls.agent_instructions,
+            grace_seconds=_int(env, "REJOIN_GRACE_SECONDS", _int(env, "GRACE_SECONDS", 120)),
+            reply_mode=mode,  # type: ignore[arg-type]
+            rate_limit=_int(env, "REJOIN_RATE_LIMIT", 20, minimum=0),
+            rate_window_seconds=_int(env, "REJOIN_RATE_WINDOW_SECONDS", 10),
+            max_text=_int(env, "REJOIN_MAX_TEXT", 4000),
+            event_log_size=_int(env, "REJOIN_EVENT_LOG_SIZE", 500, minimum=10),
+            idle_timeout_seconds=_int(env, "REJOIN_IDLE_TIMEOUT_SECONDS", 600),
+            turn_lease_seconds=_int(env, "REJOIN_TURN_LEASE_SECONDS", 330),
+            turn_queue_url=env.get("REJOIN_TURN_QUEUE_URL") or None,
+            ws_endpoint=env.get("REJOIN_WS_ENDPOINT") or None,
+        )

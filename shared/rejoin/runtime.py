@@ -1,0 +1,199 @@
+"""What a Lambda container shares between invocations, and how tests replace it.
+
+Handlers are synchronous (Lambda calls them so); rejoin is async (the Agents
+SDK is). Each thread keeps one event loop for its whole life, so the Upstash
+client's HTTP connections survive from one invocation to the next instead of
+a new TLS handshake per event.
+
+Tests and the local stack install their own :class:`Runtime` with
+:func:`set_runtime` (an in-memory sender and queue, an injected clock).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from .config import Settings
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from ._lua import RedisClient
+    from .queue import TurnQueue
+    from .sender import ConnectionSender
+    from .tokens import TokenVerifier
+
+__all__ = ["RateLimiter", "Runtime", "get_runtime", "set_runtime"]
+
+T = TypeVar("T")
+
+# Takes an identifier; answers (allowed, seconds until it may retry).
+RateLimiter = Callable[[str], Coroutine[Any, Any, tuple[bool, float]]]
+
+
+class Runtime:
+    """Settings plus the clients built from them, created on first use.
+
+    Args:
+        settings: the configuration.
+        clock: returns the time in seconds; injected in tests.
+        sender: posts frames to connections; default: API Gateway's
+            management API at ``settings.ws_endpoint`` (or the event's).
+        queue: the turn queue; default: SQS at ``settings.turn_queue_url``.
+        redis_factory: builds an Upstash client (one per thread).
+        rate_limiter: replaces the upstash-ratelimit limiter.
+        agent_factory: builds the agent (default :func:`rejoin.turns.build_agent`).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        clock: Callable[[], float] = time.time,
+        sender: ConnectionSender | None = None,
+        queue: TurnQueue | None = None,
+        redis_factory: Callable[[], RedisClient] | None = None,
+        rate_limiter: RateLimiter | None = None,
+        agent_factory: Callable[[Runtime], Any] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.clock = clock
+        self._sender = sender
+        self._queue = queue
+        self._redis_factory = redis_factory
+        self._local = threading.local()
+        self._verifier: TokenVerifier | None = None
+        self._rate_limiter = rate_limiter
+        self._agent_factory = agent_factory
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run a coroutine on this thread's long-lived event loop."""
+        loop: asyncio.AbstractEventLoop | None = getattr(self._local, "loop", None)
+        if loop is None or loop.is_closed():
+            loop = asyncio.new_event_loop()
+            self._local.loop = loop
+        return loop.run_until_complete(coro)
+
+    def redis(self) -> RedisClient:
+        """This thread's Upstash client (bound to this thread's loop)."""
+        client: RedisClient | None = getattr(self._local, "redis", None)
+        if client is None:
+            if self._redis_factory is not None:
+                client = self._redis_factory()
+            else:
+                from .client import upstash_client
+
+                s = self.settings
+                if not s.upstash_url or not s.upstash_token:
+                    raise ConfigError(
+                        "Upstash is not configured: set REJOIN_UPSTASH_SECRET, or "
+                        "UPSTASH_REDIS_REST_URL and UPSTASH_REDIS_REST_TOKEN"
+                    )
+                client = upstash_client(s.upstash_url, s.upstash_token, timeout=s.upstash_timeout)
+            self._local.redis = client
+        return client
+
+    def sender(self, request_context: dict[str, Any] | None = None) -> ConnectionSender:
+        """The connection sender; on AWS built from the endpoint or the event."""
+        if self._sender is None:
+            from .sender import ApiGatewaySender
+
+            endpoint = self.settings.ws_endpoint
+            if endpoint is None and request_context:
+                endpoint = f"https://{request_context['domainName']}/{request_context['stage']}"
+            if endpoint is None:
+                raise ConfigError("REJOIN_WS_ENDPOINT is not set")
+            self._sender = ApiGatewaySender(endpoint_url=endpoint)
+        return self._sender
+
+    def queue(self) -> TurnQueue:
+        """The turn queue."""
+        if self._queue is None:
+            from .queue import SqsTurnQueue
+
+            if not self.settings.turn_queue_url:
+                raise ConfigError("REJOIN_TURN_QUEUE_URL is not set")
+            self._queue = SqsTurnQueue(self.settings.turn_queue_url)
+        return self._queue
+
+    def agent(self) -> Any:
+        """This thread's agent (its model client is bound to this thread's loop)."""
+        agent = getattr(self._local, "agent", None)
+        if agent is None:
+            factory = self._agent_factory
+            if factory is None:
+                from .turns import build_agent
+
+                factory = build_agent
+            agent = factory(self)
+            self._local.agent = agent
+        return agent
+
+    def rate_limiter(self) -> RateLimiter | None:
+        """Per-participant message limit (upstash-ratelimit, sliding window).
+
+        ``None`` when ``REJOIN_RATE_LIMIT`` is 0. Built per thread, on this
+        thread's Upstash client.
+        """
+        if self._rate_limiter is not None:
+            return self._rate_limiter
+        s = self.settings
+        if s.rate_limit <= 0:
+            return None
+        limiter: RateLimiter | None = getattr(self._local, "limiter", None)
+        if limiter is None:
+            from upstash_ratelimit.asyncio import Ratelimit, SlidingWindow
+
+            ratelimit = Ratelimit(
+                redis=self.redis(),  # type: ignore[arg-type]
+                limiter=SlidingWindow(max_requests=s.rate_limit, window=s.rate_window_seconds),
+                prefix=f"{s.key_prefix}:ratelimit",
+            )
+
+            async def limit(identifier: str) -> tuple[bool, float]:
+                response = await ratelimit.limit(identifier)
+                return response.allowed, max(0.0, response.reset - time.time())
+
+            limiter = limit
+            self._local.limiter = limiter
+        return limiter
+
+    def verifier(self) -> TokenVerifier:
+        """The token verifier (HS256 secret, or a JWKS URL)."""
+        if self._verifier is None:
+            from .tokens import TokenVerifier
+
+            s = self.settings
+            if not s.token_secret and not s.jwks_url:
+                raise ConfigError("set REJOIN_TOKEN_SECRET_NAME (or REJOIN_JWKS_URL)")
+            self._verifier = TokenVerifier(
+                secret=s.token_secret if not s.jwks_url else None,
+                jwks_url=s.jwks_url,
+                audience=s.token_audience,
+                issuer=s.token_issuer,
+                clock=self.clock,
+            )
+        return self._verifier
+
+
+_lock = threading.Lock()
+_current: Runtime | None = None
+
+
+def get_runtime() -> Runtime:
+    """The installed runtime, built from the environment on first use."""
+    global _current
+    with _lock:
+        if _current is None:
+            _current = Runtime(Settings.from_env())
+        return _current
+
+
+def set_runtime(runtime: Runtime | None) -> None:
+    """Install a runtime (tests, local stack); ``None`` rebuilds from env next time."""
+    global _current
+    with _lock:
+        _current = runtime

@@ -1,0 +1,288 @@
+"""``UpstashSession``: the Agents SDK ``Session`` protocol over Upstash REST.
+
+Each method is one Lua script, so one HTTP request (after Upstash has cached
+the script) and atomic. Writes carry a fresh id that the script records, so
+when ``upstash-redis`` retries a request whose answer was lost (it cannot
+know whether the first try was applied) the retry changes nothing.
+
+Storage: the items are a Redis list of JSON strings, oldest first, at
+``<prefix>:{<session_id>}:items``; see :class:`rejoin.keys.SessionKeys`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from ._lua import RedisClient, Script
+from .errors import StoreError
+from .keys import SessionKeys
+
+if TYPE_CHECKING:
+    from agents.items import TResponseInputItem
+    from agents.memory import SessionSettings
+
+__all__ = ["UpstashSession"]
+
+# Upstash refuses requests over 10 MB; fail before sending, with a clear error.
+MAX_REQUEST_BYTES = 10 * 1024 * 1024
+
+# KEYS: items, ops, results, meta. ARGV: epoch, now_ms, ttl_ms, then per script.
+_HEAD = """
+local items, ops, results, meta = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local now, ttl = tonumber(ARGV[2]), tonumber(ARGV[3])
+if not epoch_ok(meta, ARGV[1], now) then return gone('session was deleted or replaced') end
+"""
+
+_GET = Script(
+    "get_items",
+    _HEAD
+    + """
+slide(ttl, {items, meta})
+if ARGV[4] == '' then return redis.call('LRANGE', items, 0, -1) end
+local limit = tonumber(ARGV[4])
+if limit <= 0 then return {} end
+-- Walk back from the newest item, skipping corrupt entries as the SDK's own
+-- backends do, so `limit` counts valid items; costs O(limit), not O(history).
+local newest_first, stop = {}, -1
+while #newest_first < limit do
+  local want = limit - #newest_first
+  local chunk = redis.call('LRANGE', items, stop - want + 1, stop)
+  for i = #chunk, 1, -1 do
+    if valid_json(chunk[i]) then
+      newest_first[#newest_first + 1] = chunk[i]
+      if #newest_first == limit then break end
+    end
+  end
+  if #chunk < want then break end
+  stop = stop - want
+end
+local out = {}
+for i = #newest_first, 1, -1 do out[#out + 1] = newest_first[i] end
+return out
+""",
+)
+
+_ADD = Script(
+    "add_items",
+    _HEAD
+    + """
+local op = ARGV[4]
+if seen(ops, op) then return 0 end
+push_all(items, ARGV, 5)
+remember(ops, results, op, now)
+slide(ttl, {items, meta})
+return 1
+""",
+)
+
+_REPLACE = Script(
+    "replace_items",
+    _HEAD
+    + """
+local op = ARGV[4]
+if seen(ops, op) then return 0 end
+redis.call('DEL', items)
+push_all(items, ARGV, 5)
+remember(ops, results, op, now)
+slide(ttl, {items, meta})
+return 1
+""",
+)
+
+_POP = Script(
+    "pop_item",
+    _HEAD
+    + """
+local op = ARGV[4]
+if seen(ops, op) then return redis.call('HGET', results, op) end
+local found = false
+while true do
+  local raw = redis.call('RPOP', items)
+  if not raw then break end
+  if valid_json(raw) then found = raw; break end
+end
+remember(ops, results, op, now)
+if found then
+  redis.call('HSET', results, op, found)
+  redis.call('PEXPIRE', results, RETENTION)
+end
+slide(ttl, {items, meta})
+return found
+""",
+)
+
+_CLEAR = Script(
+    "clear_session",
+    _HEAD
+    + """
+local op = ARGV[4]
+if seen(ops, op) then return 0 end
+redis.call('DEL', items)
+remember(ops, results, op, now)
+return 1
+""",
+)
+
+
+def _resolve_limit(explicit: int | None, settings: Any) -> int | None:
+    # As the SDK's resolve_session_limit, without importing the SDK.
+    if explicit is not None:
+        return explicit
+    if settings is None:
+        return None
+    limit = settings.get("limit") if isinstance(settings, Mapping) else settings.limit
+    return None if limit is None else int(limit)
+
+
+class UpstashSession:
+    """An Agents SDK session stored in Upstash Redis over its REST API.
+
+    Satisfies ``agents.memory.Session``: pass it to ``Runner.run(...,
+    session=...)`` like the SDK's own backends.
+
+    Args:
+        session_id: 1-128 characters of ``A-Za-z0-9_-``.
+        redis: an ``upstash_redis.asyncio.Redis`` (or any
+            :class:`rejoin.RedisClient`); see :func:`rejoin.upstash_client`
+            for one with a timeout.
+        key_prefix: prefix of every key (``<prefix>:{<id>}:items``).
+        ttl_seconds: if set, every call pushes the session's expiry this far
+            into the future (a sliding TTL).
+        session_settings: ``SessionSettings`` (or a dict); its ``limit`` is
+            used when ``get_items`` is called without one.
+        epoch: if set, every call checks that the room's epoch is still this
+            one and raises :class:`rejoin.errors.SessionGone` otherwise, so a
+            late write never lands in a deleted or replaced session.
+        turn_attempt: with ``epoch``: also require that this attempt still
+            holds the session's turn lease (the turn worker sets it).
+        clock: returns the time in seconds (injected in tests).
+
+    Raises:
+        InvalidSessionId: the session id is malformed (before any key is built).
+    """
+
+    session_settings: SessionSettings | None = None
+
+    def __init__(
+        self,
+        session_id: str,
+        *,
+        redis: RedisClient,
+        key_prefix: str = "rejoin",
+        ttl_seconds: int | None = None,
+        session_settings: SessionSettings | dict[str, Any] | None = None,
+        epoch: str | None = None,
+        turn_attempt: str | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.keys = SessionKeys(key_prefix, session_id)
+        self.session_id = session_id
+        if isinstance(session_settings, dict):
+            from agents.memory.session_settings import coerce_session_settings
+
+            session_settings = coerce_session_settings(session_settings)
+        self.session_settings = session_settings
+        if ttl_seconds is not None and ttl_seconds <= 0:
+            raise ValueError("ttl_seconds must be positive (or None for no expiry)")
+        self._ttl_ms = 0 if ttl_seconds is None else int(ttl_seconds * 1000)
+        self._redis = redis
+        if turn_attempt and not epoch:
+            raise ValueError("turn_attempt needs an epoch")
+        self._guard = f"{epoch}|{turn_attempt}" if turn_attempt else (epoch or "")
+        self._clock = clock
+        self._owns_client = False
+
+    @classmethod
+    def from_env(
+        cls, session_id: str, *, timeout: float | None = None, **kwargs: Any
+    ) -> UpstashSession:
+        """Build a session on a client configured from the environment.
+
+        Reads ``UPSTASH_REDIS_REST_URL`` and ``UPSTASH_REDIS_REST_TOKEN``; the
+        request timeout is ``timeout`` seconds, else ``REJOIN_UPSTASH_TIMEOUT``,
+        else 5. Other keyword arguments go to the constructor. Call
+        :meth:`close` when done: the session owns this client.
+
+        Raises:
+            ConfigError: a variable is missing or malformed.
+        """
+        from .client import upstash_client_from_env
+
+        session = cls(session_id, redis=upstash_client_from_env(timeout=timeout), **kwargs)
+        session._owns_client = True
+        return session
+
+    def __repr__(self) -> str:
+        return f"UpstashSession(session_id={self.session_id!r}, prefix={self.keys.prefix!r})"
+
+    async def _run(self, script: Script, *extra: Any) -> Any:
+        now_ms = int(self._clock() * 1000)
+        return await script(
+            self._redis, self.keys.store, (self._guard, now_ms, self._ttl_ms, *extra)
+        )
+
+    async def get_items(self, limit: int | None = None) -> list[TResponseInputItem]:
+        """Return the history, or its latest ``limit`` items, oldest first.
+
+        Args:
+            limit: how many of the latest items to return; ``None`` uses
+                ``session_settings.limit``, and if that is unset too, returns
+                every item. ``0`` (or less) returns ``[]``.
+        """
+        resolved = _resolve_limit(limit, self.session_settings)
+        if resolved is not None and resolved <= 0:
+            return []
+        raw = await self._run(_GET, "" if resolved is None else resolved)
+        items: list[TResponseInputItem] = []
+        for entry in raw or []:
+            try:
+                items.append(json.loads(entry))
+            except (json.JSONDecodeError, TypeError):
+                continue  # corrupt entries are skipped, as the SDK's backends do
+        return items
+
+    async def add_items(self, items: list[TResponseInputItem]) -> None:
+        """Append ``items`` in order, atomically; an empty list does nothing."""
+        if not items:
+            return
+        await self._run(_ADD, uuid.uuid4().hex, *self._serialize(items))
+
+    async def pop_item(self) -> TResponseInputItem | None:
+        """Remove and return the latest item, or ``None`` if there is none."""
+        raw = await self._run(_POP, uuid.uuid4().hex)
+        return None if raw is None else json.loads(raw)
+
+    async def clear_session(self) -> None:
+        """Delete every item of the session."""
+        await self._run(_CLEAR, uuid.uuid4().hex)
+
+    async def _atomic_replace_items(self, items: list[TResponseInputItem]) -> bool:
+        """Replace the whole history in one atomic script.
+
+        The SDK's compaction session calls this hook (when present) instead of
+        clear-then-add, so compaction never leaves an empty or half history.
+        """
+        await self._run(_REPLACE, uuid.uuid4().hex, *self._serialize(items))
+        return True
+
+    async def close(self) -> None:
+        """Close the client if this session created it (``from_env``)."""
+        if self._owns_client:
+            close = getattr(self._redis, "close", None)
+            if close is not None:
+                await close()
+
+    @staticmethod
+    def _serialize(items: list[TResponseInputItem]) -> list[str]:
+        # ASCII-only JSON, as the SDK's RedisSession stores it: lone surrogates
+        # and every code point round-trip exactly through HTTP and Lua.
+        out = [json.dumps(item, separators=(",", ":")) for item in items]
+        if sum(len(s) for s in out) > MAX_REQUEST_BYTES:
+            raise StoreError(
+                "items exceed Upstash's 10 MB request limit; add them in smaller batches"
+            )
+        return out
