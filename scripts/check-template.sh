@@ -89,8 +89,10 @@ if [ "$host_build" = 1 ] && [ -n "$host_arch" ] && [ "$host_arch" != arm64 ]; th
     exit 1
   fi
   start=$(date +%s)
-  if ! sam build --template-file "$host_template" --build-dir .aws-sam/host/build \
-      --cache-dir .aws-sam/host/cache --cached --parallel >"$log" 2>&1; then
+  # Run from .aws-sam/host so this build keeps its own build.toml and dependency
+  # cache (.aws-sam/host/.aws-sam/deps); sharing them would evict the arm64 build's.
+  if ! (cd .aws-sam/host && bash ../../scripts/sam.sh build --template-file template.yaml \
+      --build-dir build --cache-dir cache --cached --parallel) >"$log" 2>&1; then
     cat "$log" >&2
     echo "check-template: FAILED: sam build for $host_arch (the test build)" >&2
     exit 1

@@ -6,12 +6,13 @@
 # Lambda runtime's python3.13 and (re)installed only when the pins below change.
 # `sam build` (BuildMethod python3.13) needs python3.13 on PATH: the found
 # interpreter's bin dir is put in front of PATH before exec'ing sam.
+# sam runs in the caller's working directory, like sam itself.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+root=$(cd "$(dirname "$0")/.." && pwd)
 
 SAM_CLI_VERSION=1.170.0
 CFN_LINT_VERSION=1.58.0
-venv=.venv-sam
+venv=$root/.venv-sam
 
 # python3.13 on PATH, else pyenv's. scripts/python.sh may fall back to another
 # version; sam build cannot, so insist on 3.13 here.
@@ -53,5 +54,5 @@ export SAM_CLI_TELEMETRY=0
 export SAM_CLI_CONTAINER_CONNECTION_TIMEOUT=${SAM_CLI_CONTAINER_CONNECTION_TIMEOUT:-20}
 # python3.13 first (sam build's python3.13 workflow looks it up on PATH), then
 # the SAM venv (its own cfn-lint), then the rest.
-export PATH="$pybin:$PWD/$venv/bin:$PATH"
-exec "$PWD/$venv/bin/sam" "$@"
+export PATH="$pybin:$venv/bin:$PATH"
+exec "$venv/bin/sam" "$@"

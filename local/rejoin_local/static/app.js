@@ -50,6 +50,7 @@
     lastSentAt: 0,
     welcomes: [],
     sessionsEnded: 0,
+    deltaCounts: {}, // turn -> agent_delta frames received (for the test hook)
   };
 
   // ------------------------------------------------------------------ joining
@@ -434,6 +435,7 @@
       state.streams.set(d.turn, deltas);
     }
     if (!deltas.has(d.index)) deltas.set(d.index, String(d.text || ""));
+    state.deltaCounts[d.turn] = (state.deltaCounts[d.turn] || 0) + 1;
     renderLive();
   }
 
@@ -651,8 +653,12 @@
     const shown = new Map();
     for (const li of Array.from(list.children)) {
       const seq = Number(li.dataset.seq);
-      if (state.events.has(seq)) shown.set(seq, li);
-      else li.remove(); // cleared (a fresh session)
+      // Seqs restart with each epoch: an element of another epoch is stale.
+      if (li.dataset.epoch === state.epoch && state.events.get(seq) === li.rejoinEvent) {
+        shown.set(seq, li);
+      } else {
+        li.remove();
+      }
     }
     const seqs = Array.from(state.events.keys()).sort((a, b) => a - b);
     let previous = null;
@@ -660,6 +666,8 @@
       let li = shown.get(seq);
       if (!li) {
         li = eventElement(state.events.get(seq));
+        li.dataset.epoch = state.epoch;
+        li.rejoinEvent = state.events.get(seq);
         if (previous) previous.after(li);
         else list.prepend(li);
       }
@@ -731,6 +739,7 @@
       welcomes: state.welcomes.map((w) => ({ ...w })),
       sessionsEnded: state.sessionsEnded,
       agent: state.agent,
+      deltaCounts: { ...state.deltaCounts },
     };
   }
 

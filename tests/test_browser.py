@@ -1,0 +1,393 @@
+"""The chat page in headless Chromium against the real stack, in-process.
+
+Real handlers (``functions/``), the Upstash-compatible endpoint in front of the
+test session's Redis, the local gateway, the turn worker with the offline
+model, and the cleanup on a short timer; the grace period is shortened to
+2 s. Debian's ``chromium`` (``scripts/ensure-chromium.sh`` installs it when
+missing) is driven by Playwright's Python package through
+``executable_path``; no browser is downloaded.
+
+On failure, screenshots of every open page are saved under
+``test-artifacts/``; the phone-sized screenshot is saved on every run.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.browser
+
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = ROOT / "test-artifacts"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+GRACE_SECONDS = 2
+TIMEOUT_MS = 10_000
+
+
+# ---------------------------------------------------------------------------
+# Screenshots on failure: a small plugin, registered once, that records each
+# phase's report on the test item so fixtures can see how the test went.
+# ---------------------------------------------------------------------------
+
+
+class _ReportPlugin:
+    @pytest.hookimpl(wrapper=True, tryfirst=True)
+    def pytest_runtest_makereport(self, item: pytest.Item, call: Any) -> Any:
+        report = yield
+        setattr(item, f"rep_{report.when}", report)
+        return report
+
+
+@pytest.fixture(autouse=True)
+def _record_reports(request: pytest.FixtureRequest) -> None:
+    manager = request.config.pluginmanager
+    if not manager.has_plugin("rejoin-browser-reports"):
+        manager.register(_ReportPlugin(), "rejoin-browser-reports")
+
+
+def _failed(request: pytest.FixtureRequest) -> bool:
+    report = getattr(request.node, "rep_call", None)
+    return report is None or report.failed
+
+
+# ---------------------------------------------------------------------------
+# Fixtures: Chromium and the stack
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def chromium_path() -> str:
+    """Debian's Chromium, installed with apt-get by scripts/ensure-chromium.sh if missing."""
+    if not os.access(CHROMIUM, os.X_OK):
+        result = subprocess.run(
+            ["bash", str(ROOT / "scripts" / "ensure-chromium.sh")],
+            capture_output=True, text=True, timeout=600, check=False,
+        )
+        if result.returncode != 0 or not os.access(CHROMIUM, os.X_OK):
+            pytest.skip(
+                "Chromium is not installed and scripts/ensure-chromium.sh could not install it: "
+                + (result.stderr.strip().splitlines() or ["no output"])[-1]
+            )
+    return CHROMIUM
+
+
+@pytest.fixture(scope="module")
+def browser(chromium_path: str) -> Iterator[Any]:
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("the playwright package is not installed (pip install -r requirements-dev.txt)")
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium_path, args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+@pytest.fixture
+def stack(upstash: Any) -> Iterator[Any]:
+    """The real stack on free ports, over the test session's Upstash endpoint."""
+    from rejoin_local.stack import Stack, StackConfig
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "REJOIN_"))}
+    config = StackConfig(
+        port=0,
+        upstash_url=upstash.url,
+        upstash_token=upstash.token,
+        grace_seconds=GRACE_SECONDS,
+        cleanup_interval=1.0,
+        turn_backoff=0.1,
+        env=env,
+    )
+    stack = Stack(config)
+    with stack.serve_in_thread() as urls:
+        stack.urls = urls
+        yield stack
+
+
+@dataclass
+class Pages:
+    """Every page the test opened, their console errors, and the contexts to close."""
+
+    browser: Any
+    request: pytest.FixtureRequest
+    contexts: list[Any] = field(default_factory=list)
+    pages: dict[str, Any] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+
+    def open(self, label: str, url: str, **context_options: Any) -> Any:
+        context = self.browser.new_context(**context_options)
+        context.set_default_timeout(TIMEOUT_MS)
+        self.contexts.append(context)
+        page = context.new_page()
+        page.on("console", lambda msg: msg.type == "error" and self.errors.append(
+            f"{label}: console error: {msg.text}"))
+        page.on("pageerror", lambda exc: self.errors.append(f"{label}: page error: {exc}"))
+        page.add_init_script(_STREAM_WATCHER)
+        self.pages[label] = page
+        page.goto(url)
+        return page
+
+    def screenshot_all(self, prefix: str) -> None:
+        ARTIFACTS.mkdir(exist_ok=True)
+        for label, page in self.pages.items():
+            try:
+                page.screenshot(path=str(ARTIFACTS / f"{prefix}-{label}.png"), full_page=True)
+            except Exception:  # a page that crashed cannot be captured
+                pass
+
+
+@pytest.fixture
+def pages(browser: Any, request: pytest.FixtureRequest) -> Iterator[Pages]:
+    opened = Pages(browser=browser, request=request)
+    try:
+        yield opened
+    finally:
+        if _failed(request):
+            opened.screenshot_all(request.node.name)
+        for context in opened.contexts:
+            context.close()
+
+
+# Records, in the page, every streamed bubble the page showed and its longest text.
+_STREAM_WATCHER = """
+window.__streamed = {};
+new MutationObserver(() => {
+  for (const el of document.querySelectorAll('#live .streaming')) {
+    const turn = el.dataset.turn, text = el.querySelector('.bubble').textContent;
+    const seen = window.__streamed[turn] || {updates: 0, longest: 0};
+    seen.updates += 1;
+    seen.longest = Math.max(seen.longest, text.length);
+    window.__streamed[turn] = seen;
+  }
+}).observe(document, {subtree: true, childList: true, characterData: true});
+"""
+
+
+# ---------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------
+
+
+def state(page: Any) -> dict[str, Any]:
+    return page.evaluate("() => window.rejoinDebug.state")  # type: ignore[no-any-return]
+
+
+def wait_until(check: Callable[[], Any], what: str, timeout: float = TIMEOUT_MS / 1000) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
+
+
+def wait_status(page: Any, text: str) -> None:
+    page.wait_for_function(
+        "t => document.getElementById('status').textContent === t", arg=text
+    )
+
+
+def send(page: Any, text: str) -> None:
+    box = page.locator("#text")
+    box.fill(text)
+    box.press("Enter")
+
+
+def message_events(s: dict[str, Any]) -> list[dict[str, Any]]:
+    return [e for e in s["events"] if e["type"] in ("message", "agent_message")]
+
+
+def agent_reply_to(page: Any, text: str) -> dict[str, Any]:
+    """Wait until the page shows the agent's final reply to the message ``text``."""
+
+    def find() -> dict[str, Any] | None:
+        s = state(page)
+        ids = [e["id"] for e in s["events"] if e["type"] == "message" and e["text"] == text]
+        for e in s["events"]:
+            if e["type"] == "agent_message" and ids and e["turn"] == ids[0]:
+                return e
+        return None
+
+    found: dict[str, Any] = wait_until(find, f"the agent's reply to {text!r}")
+    return found
+
+
+def presence_of(page: Any, name: str) -> str | None:
+    for p in state(page)["participants"]:
+        if p["name"] == name:
+            return str(p["status"])
+    return None
+
+
+def dom_texts(page: Any) -> list[str]:
+    return page.eval_on_selector_all(  # type: ignore[no-any-return]
+        "#events li.message .bubble, #events li.agent .bubble", "els => els.map(e => e.textContent)"
+    )
+
+
+def dom_seqs(page: Any) -> list[int]:
+    return page.eval_on_selector_all(  # type: ignore[no-any-return]
+        "#events li[data-seq]", "els => els.map(e => Number(e.dataset.seq))"
+    )
+
+
+# ---------------------------------------------------------------------------
+# The test
+# ---------------------------------------------------------------------------
+
+
+def test_two_people_chat_drop_resume_and_session_end(stack: Any, pages: Pages) -> None:
+    started = time.monotonic()
+    urls = stack.urls
+    session = "browser-" + secrets.token_hex(4)
+
+    # --- two participants join from links and chat ---------------------------------
+    ada = pages.open("ada", urls.join(session, "Ada"))
+    wait_status(ada, "connected")
+    bob = pages.open("bob", urls.join(session, "Bob"))
+    wait_status(bob, "connected")
+
+    badge = ada.locator("#agent-badge")
+    assert badge.is_visible() and badge.inner_text() == "offline stand-in model"
+    assert state(ada)["agent"]["offline"] is True
+    wait_until(lambda: presence_of(ada, "Bob") == "active", "Ada to see Bob active")
+    assert presence_of(bob, "Ada") == "active"
+
+    send(ada, "Hello from Ada")
+    for page in (ada, bob):
+        reply = agent_reply_to(page, "Hello from Ada")
+        assert "Ada" in reply["text"]
+        # Both saw the reply stream in (several deltas, shown growing) before the final one.
+        assert state(page)["deltaCounts"].get(reply["turn"], 0) >= 2
+        streamed = page.evaluate("() => window.__streamed")[reply["turn"]]
+        assert streamed["updates"] >= 2 and streamed["longest"] > 0
+        # The streaming bubble is replaced by the final message.
+        page.wait_for_selector(f'#live .streaming[data-turn="{reply["turn"]}"]', state="detached")
+    send(bob, "Hi Ada, Bob here")
+    agent_reply_to(ada, "Hi Ada, Bob here")
+    agent_reply_to(bob, "Hi Ada, Bob here")
+
+    # --- Bob's network drops; Ada goes on; Bob comes back within the grace ---------
+    bob.evaluate("() => window.rejoinDebug.dropConnection({hold: true})")
+    wait_status(bob, "reconnecting...")
+    wait_until(lambda: presence_of(ada, "Bob") == "away", "Ada to see Bob away")
+    bob_before = state(bob)
+    missed_texts = ["While you were away 1", "While you were away 2"]
+    for text in missed_texts:
+        send(ada, text)
+        agent_reply_to(ada, text)
+    assert not state(bob)["connected"]
+    ARTIFACTS.mkdir(exist_ok=True)
+    bob.screenshot(path=str(ARTIFACTS / "chat-reconnecting.png"))
+    ada.screenshot(path=str(ARTIFACTS / "chat-peer-away.png"))
+
+    bob.evaluate("() => window.rejoinDebug.release()")
+    wait_status(bob, "connected")
+    wait_until(lambda: presence_of(ada, "Bob") == "active", "Ada to see Bob active again")
+    # Once both views settle, Bob's log is exactly Ada's: same seqs, same events.
+    wait_until(
+        lambda: [e["seq"] for e in state(bob)["events"]] == [e["seq"] for e in state(ada)["events"]],
+        "Bob's log to match Ada's",
+    )
+    after = state(bob)
+    welcome = after["welcomes"][-1]
+    assert welcome["resumed"] is True and welcome["recovered"] is True
+    assert welcome["epoch"] == bob_before["epoch"]
+    ada_seqs = [e["seq"] for e in state(ada)["events"]]
+    # The welcome replayed exactly what Bob missed: every seq after his position, in order.
+    assert welcome["events"] == [s for s in ada_seqs if bob_before["lastSeq"] < s <= welcome["seq"]]
+    missed = [e for e in message_events(after) if e["seq"] > bob_before["lastSeq"]]
+    assert [e["text"] for e in missed if e["type"] == "message"] == missed_texts
+    assert len([e for e in missed if e["type"] == "agent_message"]) == len(missed_texts)
+    # And the page shows each of them once, in seq order.
+    seqs = dom_seqs(bob)
+    assert seqs == sorted(set(seqs))
+    texts = dom_texts(bob)
+    for text in missed_texts:
+        assert texts.count(text) == 1
+    assert texts == [e["text"] for e in message_events(state(ada))]
+
+    # --- everyone leaves; after the grace a rejoin starts a fresh session ------------
+    for page in (ada, bob):
+        page.locator("#leave").click()
+        wait_status(page, "left")
+    old_epoch = after["epoch"]
+    time.sleep(GRACE_SECONDS + 1.0)
+    bob.locator("#rejoin").click()
+    wait_status(bob, "connected")
+    fresh = state(bob)
+    last = fresh["welcomes"][-1]
+    assert last["resumed"] is False
+    assert fresh["epoch"] != old_epoch
+    assert message_events(fresh) == []  # empty history
+    assert fresh["sessionsEnded"] == 1
+    notice = bob.locator("#notice")
+    assert notice.is_visible()
+    assert "Session ended" in notice.inner_text()
+    assert dom_texts(bob) == []
+    # Only the fresh session's events are on the page (seqs restart with the epoch).
+    shown = bob.eval_on_selector_all("#events li", "els => els.map(e => e.textContent)")
+    assert shown == ["Bob is here"], shown
+    bob.screenshot(path=str(ARTIFACTS / "chat-session-ended.png"))
+    # The fresh session works.
+    send(bob, "Anyone here?")
+    reply = agent_reply_to(bob, "Anyone here?")
+    assert "1 message" in reply["text"]  # the offline model counts a fresh history
+
+    # --- a phone-sized screen ---------------------------------------------------------
+    phone = pages.open(
+        "phone",
+        urls.join("phone-" + secrets.token_hex(3), "Cy"),
+        viewport={"width": 390, "height": 844},
+        device_scale_factor=2,
+        is_mobile=True,
+        has_touch=True,
+    )
+    wait_status(phone, "connected")
+    send(phone, "Typing on a phone")
+    agent_reply_to(phone, "Typing on a phone")
+    ARTIFACTS.mkdir(exist_ok=True)
+    phone.screenshot(path=str(ARTIFACTS / "chat-phone.png"))
+    layout = phone.evaluate(
+        """() => {
+          const box = (id) => document.getElementById(id).getBoundingClientRect();
+          return {scrollWidth: document.documentElement.scrollWidth, width: window.innerWidth,
+                  height: window.innerHeight, text: box('text'), send: box('send'),
+                  people: box('participants'), log: box('scroller')};
+        }"""
+    )
+    assert layout["scrollWidth"] <= layout["width"], "the page scrolls sideways on a phone"
+    for name in ("text", "send", "people", "log"):
+        rect = layout[name]
+        assert rect["width"] > 0 and rect["height"] > 0, f"{name} is not shown"
+        assert rect["left"] >= 0 and rect["right"] <= layout["width"] + 1, f"{name} overflows"
+        assert rect["bottom"] <= layout["height"] + 1, f"{name} is below the screen"
+    assert layout["send"]["height"] >= 36  # a comfortable tap target
+
+    # --- no console errors anywhere ---------------------------------------------------
+    assert pages.errors == []
+    assert time.monotonic() - started < 60
