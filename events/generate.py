@@ -36,7 +36,7 @@ from rejoin.tokens import mint_token  # noqa: E402
 # --- the story's constants -------------------------------------------------------------
 
 LOCAL_SIGNING_KEY = "local-dev-signing-key-change-me-0123456789"
-LOCAL_ADMIN_KEY = "local-dev-admin-key-change-me-0123456789"
+LOCAL_ADMIN_KEY = "local-dev-admin-key"
 SESSION = "demo-session"
 USER, NAME = "u-ada", "Ada"
 ACCOUNT = "123456789012"
@@ -222,7 +222,7 @@ def cleanup_event() -> dict[str, Any]:
 
 # --- HTTP API (payload format 2.0) -------------------------------------------------------
 # (file name, method, path, authorization header or None, JSON body or None)
-# TODO(api owner): keep in step with functions/api's routes and auth scheme.
+# Keep in step with rejoin.api's routes (admin key or participant token as Bearer).
 API_REQUESTS: list[tuple[str, str, str, str | None, dict[str, Any] | None]] = [
     ("api-health.json", "GET", "/health", None, None),
     (
@@ -230,7 +230,14 @@ API_REQUESTS: list[tuple[str, str, str, str | None, dict[str, Any] | None]] = [
         "POST",
         "/sessions",
         f"Bearer {LOCAL_ADMIN_KEY}",
-        {"session": SESSION, "participants": [{"user": USER, "name": NAME}]},
+        {"session_id": SESSION, "mode": "every"},
+    ),
+    (
+        "api-mint-token.json",
+        "POST",
+        f"/sessions/{SESSION}/tokens",
+        f"Bearer {LOCAL_ADMIN_KEY}",
+        {"user_id": USER, "name": NAME, "ttl_seconds": 3600},
     ),
     ("api-status.json", "GET", f"/sessions/{SESSION}", f"Bearer {LOCAL_ADMIN_KEY}", None),
     ("api-transcript.json", "GET", f"/sessions/{SESSION}/transcript", f"Bearer {TOKEN}", None),

@@ -44,9 +44,14 @@ stamp=$venv/.sam.sha
 sum=$(printf 'aws-sam-cli==%s\ncfn-lint==%s\n%s\n' "$SAM_CLI_VERSION" "$CFN_LINT_VERSION" "$py" | sha256sum | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$sum" ] || [ ! -x "$venv/bin/sam" ]; then
   echo "sam.sh: installing aws-sam-cli==$SAM_CLI_VERSION cfn-lint==$CFN_LINT_VERSION into $venv" >&2
-  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip >&2
-  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
-    "aws-sam-cli==$SAM_CLI_VERSION" "cfn-lint==$CFN_LINT_VERSION" >&2
+  pip_log=$venv/pip-install.log
+  if ! { "$venv/bin/python" -m pip install --disable-pip-version-check --upgrade pip &&
+         "$venv/bin/python" -m pip install --disable-pip-version-check \
+           "aws-sam-cli==$SAM_CLI_VERSION" "cfn-lint==$CFN_LINT_VERSION"; } >"$pip_log" 2>&1; then
+    tail -40 "$pip_log" >&2
+    echo "sam.sh: pip install failed (full log: $pip_log)" >&2
+    exit 1
+  fi
   echo "$sum" > "$stamp"
 fi
 

@@ -13,9 +13,9 @@ On failure, screenshots of every open page are saved under
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
-import shutil
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -81,7 +81,10 @@ def chromium_path() -> str:
     if not os.access(CHROMIUM, os.X_OK):
         result = subprocess.run(
             ["bash", str(ROOT / "scripts" / "ensure-chromium.sh")],
-            capture_output=True, text=True, timeout=600, check=False,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
         )
         if result.returncode != 0 or not os.access(CHROMIUM, os.X_OK):
             pytest.skip(
@@ -141,8 +144,12 @@ class Pages:
         context.set_default_timeout(TIMEOUT_MS)
         self.contexts.append(context)
         page = context.new_page()
-        page.on("console", lambda msg: msg.type == "error" and self.errors.append(
-            f"{label}: console error: {msg.text}"))
+        page.on(
+            "console",
+            lambda msg: (
+                msg.type == "error" and self.errors.append(f"{label}: console error: {msg.text}")
+            ),
+        )
         page.on("pageerror", lambda exc: self.errors.append(f"{label}: page error: {exc}"))
         page.add_init_script(_STREAM_WATCHER)
         self.pages[label] = page
@@ -152,10 +159,9 @@ class Pages:
     def screenshot_all(self, prefix: str) -> None:
         ARTIFACTS.mkdir(exist_ok=True)
         for label, page in self.pages.items():
-            try:
+            # A page that crashed cannot be captured: keep the others.
+            with contextlib.suppress(Exception):
                 page.screenshot(path=str(ARTIFACTS / f"{prefix}-{label}.png"), full_page=True)
-            except Exception:  # a page that crashed cannot be captured
-                pass
 
 
 @pytest.fixture
@@ -206,9 +212,7 @@ def wait_until(check: Callable[[], Any], what: str, timeout: float = TIMEOUT_MS 
 
 
 def wait_status(page: Any, text: str) -> None:
-    page.wait_for_function(
-        "t => document.getElementById('status').textContent === t", arg=text
-    )
+    page.wait_for_function("t => document.getElementById('status').textContent === t", arg=text)
 
 
 def send(page: Any, text: str) -> None:
@@ -310,7 +314,9 @@ def test_two_people_chat_drop_resume_and_session_end(stack: Any, pages: Pages) -
     wait_until(lambda: presence_of(ada, "Bob") == "active", "Ada to see Bob active again")
     # Once both views settle, Bob's log is exactly Ada's: same seqs, same events.
     wait_until(
-        lambda: [e["seq"] for e in state(bob)["events"]] == [e["seq"] for e in state(ada)["events"]],
+        lambda: (
+            [e["seq"] for e in state(bob)["events"]] == [e["seq"] for e in state(ada)["events"]]
+        ),
         "Bob's log to match Ada's",
     )
     after = state(bob)

@@ -9,6 +9,8 @@ real boto3 client too) and the idle timeout.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import json
 import re
 import threading
@@ -113,9 +115,17 @@ async def _open(running: RunningServer, query: str = "session=s1&token=t1") -> C
 
 
 async def _async_wait_for(
-    stubs: Stubs, route_key: str, count: int = 1, timeout: float = 5.0
+    stubs: Stubs, route_key: str, count: int = 1, seconds: float = 5.0
 ) -> list[dict[str, Any]]:
-    return await asyncio.to_thread(stubs.wait_for, route_key, count, timeout)
+    return await asyncio.to_thread(stubs.wait_for, route_key, count, seconds)
+
+
+async def _until(check: Callable[[], Any], seconds: float = 10.0) -> None:
+    """Poll ``check`` (state changed by other threads) until it is true."""
+    deadline = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.02)
 
 
 async def test_connect_event_has_api_gateway_shape(
@@ -148,8 +158,9 @@ async def test_connect_event_has_api_gateway_shape(
         assert event["multiValueHeaders"]["Host"] == [event["headers"]["Host"]]
         assert event["isBase64Encoded"] is False
         assert "body" not in event
-        # Accepted: opened in the sender hook, listed by the gateway.
-        assert stubs.opened == [ctx["connectionId"]]
+        # Accepted: opened in the sender hook, listed by the gateway (just after the
+        # handshake's answer went out, so possibly a moment after the client saw it).
+        await _until(lambda: stubs.opened == [ctx["connectionId"]])
         assert ctx["connectionId"] in gateway.connections
     finally:
         await ws.close()
@@ -530,3 +541,361 @@ async def test_max_duration_closes_busy_sockets(stubs: Stubs) -> None:
         assert ws.close_code == 1001
         await _async_wait_for(stubs, "$disconnect")
         assert gateway.connections == {}
+
+
+# ---------------------------------------------------------------------------
+# The local stack's turn worker (per-session FIFO in front of the turn handler)
+# ---------------------------------------------------------------------------
+
+
+def _turn(session: str, turn_id: str) -> Any:
+    from rejoin.queue import TurnInput, TurnRequest
+
+    return TurnRequest(
+        session_id=session,
+        epoch="e1",
+        turn_id=turn_id,
+        respond=True,
+        input=(TurnInput(user="u-1", name="Ada", text="hi", seq=1, id=turn_id),),
+    )
+
+
+class TurnHandlerStub:
+    """A turn handler run in threads, recording batches; fails turns on demand."""
+
+    def __init__(self, fail: Callable[[str, int], bool] | None = None, delay: float = 0.05):
+        self.fail = fail or (lambda turn, attempt: False)
+        self.delay = delay
+        self.lock = threading.Lock()
+        self.calls: list[tuple[str, list[str], int, float, float]] = []
+
+    def __call__(self, event: dict[str, Any]) -> dict[str, Any]:
+        from rejoin.queue import TurnRequest
+
+        start = time.monotonic()
+        time.sleep(self.delay)
+        failures = []
+        turns = []
+        failed_one = False
+        for record in event["Records"]:
+            turn = TurnRequest.from_json(record["body"])
+            turns.append(turn.turn_id)
+            attempt = int(record["attributes"]["ApproximateReceiveCount"])
+            # Like SqsFifoPartialProcessor: after a failure, the rest of the group fails too.
+            if failed_one or self.fail(turn.turn_id, attempt):
+                failed_one = True
+                failures.append({"itemIdentifier": record["messageId"]})
+        session = TurnRequest.from_json(event["Records"][0]["body"]).session_id
+        attempt = int(event["Records"][0]["attributes"]["ApproximateReceiveCount"])
+        with self.lock:
+            self.calls.append((session, turns, attempt, start, time.monotonic()))
+        return {"batchItemFailures": failures}
+
+
+async def _run_worker(stub: TurnHandlerStub, turns: list[Any], **options: Any) -> Any:
+    from rejoin.queue import InMemoryTurnQueue
+    from rejoin_local.stack import TurnWorker
+
+    queue = InMemoryTurnQueue()
+
+    async def invoke(event: dict[str, Any]) -> Any:
+        return await asyncio.to_thread(stub, event)
+
+    worker = TurnWorker(queue, invoke, **({"backoff": 0.01} | options))
+    queue.on_enqueue = worker.notify
+    worker.start()
+
+    async def enqueue(turn: Any) -> None:
+        # As the message handler does: from its own thread and event loop.
+        await asyncio.to_thread(asyncio.run, queue.enqueue(turn))
+
+    await asyncio.gather(*(enqueue(t) for t in turns[: len(turns) // 2]))
+    for turn in turns[len(turns) // 2 :]:
+        await enqueue(turn)
+    await _until(lambda: not (queue.pending() or worker._tasks))
+    await worker.stop()
+    return worker
+
+
+async def test_turn_worker_serialises_each_session_and_runs_sessions_in_parallel() -> None:
+    stub = TurnHandlerStub(delay=0.1)
+    turns = [_turn(s, f"{s}-t{i}") for i in range(6) for s in ("s1", "s2")]
+    worker = await _run_worker(stub, turns)
+    assert worker.processed == 12 and worker.dead_letters == []
+    for session in ("s1", "s2"):
+        calls = [c for c in stub.calls if c[0] == session]
+        done = [t for c in calls for t in c[1]]
+        assert sorted(done) == sorted(f"{session}-t{i}" for i in range(6))
+        # One batch at a time per session: no two batches overlap.
+        spans = sorted((c[3], c[4]) for c in calls)
+        assert all(a_end <= b_start for (_, a_end), (b_start, _) in itertools.pairwise(spans))
+    # The two sessions did run at the same time at least once.
+    s1 = [(c[3], c[4]) for c in stub.calls if c[0] == "s1"]
+    s2 = [(c[3], c[4]) for c in stub.calls if c[0] == "s2"]
+    assert any(a < d and c < b for a, b in s1 for c, d in s2)
+
+
+async def test_turn_worker_keeps_order_within_a_session() -> None:
+    stub = TurnHandlerStub(delay=0.02)
+    turns = [_turn("s1", f"t{i:02d}") for i in range(15)]
+    from rejoin.queue import InMemoryTurnQueue
+    from rejoin_local.stack import TurnWorker
+
+    queue = InMemoryTurnQueue()
+
+    async def invoke(event: dict[str, Any]) -> Any:
+        return await asyncio.to_thread(stub, event)
+
+    worker = TurnWorker(queue, invoke, backoff=0.01)
+    queue.on_enqueue = worker.notify
+    worker.start()
+    for turn in turns:  # in order, from one sender
+        await asyncio.to_thread(asyncio.run, queue.enqueue(turn))
+    await _until(lambda: not (queue.pending() or worker._tasks))
+    await worker.stop()
+    assert [t for c in stub.calls for t in c[1]] == [t.turn_id for t in turns]
+
+
+async def test_failed_turns_are_retried_first_then_dead_lettered() -> None:
+    # t1 fails once (then succeeds); t3 always fails.
+    stub = TurnHandlerStub(
+        fail=lambda turn, attempt: (turn == "t1" and attempt == 1) or turn == "t3"
+    )
+    from rejoin.queue import InMemoryTurnQueue
+    from rejoin_local.stack import TurnWorker
+
+    queue = InMemoryTurnQueue()
+
+    async def invoke(event: dict[str, Any]) -> Any:
+        return await asyncio.to_thread(stub, event)
+
+    worker = TurnWorker(queue, invoke, backoff=0.01, max_attempts=3)
+    queue.on_enqueue = worker.notify
+    for i in range(5):  # queued before the worker starts: one batch of five
+        await queue.enqueue(_turn("s1", f"t{i}"))
+    worker.start()
+    await _until(lambda: not (queue.pending() or worker._tasks))
+    await worker.stop()
+    batches = [(c[1], c[2]) for c in stub.calls]
+    assert batches[0] == (["t0", "t1", "t2", "t3", "t4"], 1)
+    # The failed turn and everything after it come back first, before anything else.
+    assert batches[1] == (["t1", "t2", "t3", "t4"], 2)
+    assert batches[2] == (["t3", "t4"], 3)
+    assert [t.turn_id for t in worker.dead_letters] == ["t3", "t4"]
+    assert worker.processed == 3
+
+
+async def test_turn_handler_that_raises_fails_the_whole_batch() -> None:
+    from rejoin.queue import InMemoryTurnQueue
+    from rejoin_local.stack import TurnWorker
+
+    calls: list[int] = []
+
+    def flaky(event: dict[str, Any]) -> dict[str, Any]:
+        calls.append(len(event["Records"]))
+        if len(calls) == 1:
+            raise RuntimeError("cold start failed")
+        return {"batchItemFailures": []}
+
+    queue = InMemoryTurnQueue()
+
+    async def invoke(event: dict[str, Any]) -> Any:
+        return await asyncio.to_thread(flaky, event)
+
+    worker = TurnWorker(queue, invoke, backoff=0.01)
+    await queue.enqueue(_turn("s1", "a"))
+    await queue.enqueue(_turn("s1", "b"))
+    worker.start()
+    await _until(lambda: not (queue.pending() or worker._tasks))
+    await worker.stop()
+    assert calls == [2, 2] and worker.processed == 2 and worker.dead_letters == []
+
+
+# ---------------------------------------------------------------------------
+# The terminal client, against a tiny protocol stub behind the gateway
+# ---------------------------------------------------------------------------
+
+
+class FakeRoom:
+    """Just enough of docs/protocol.md for the client: resume, say, ping, leave."""
+
+    def __init__(self) -> None:
+        self.gateway: Gateway | None = None
+        self.lock = threading.Lock()
+        self.log: list[dict[str, Any]] = []
+        self.members: set[str] = set()
+        self.resumes: list[dict[str, Any]] = []
+
+    def _post(self, cid: str, frame: dict[str, Any]) -> None:
+        assert self.gateway is not None
+        with contextlib.suppress(ConnectionGone):
+            asyncio.run(self.gateway.deliver(cid, json.dumps(frame).encode()))
+
+    def _publish(self, frame: dict[str, Any]) -> None:
+        with self.lock:
+            frame["seq"] = len(self.log) + 1
+            self.log.append(frame)
+            members = list(self.members)
+        for cid in members:
+            self._post(cid, frame)
+
+    def message(self, event: dict[str, Any], context: Any) -> Any:
+        cid = event["requestContext"]["connectionId"]
+        body = json.loads(event["body"])
+        if body["action"] == "resume":
+            self.resumes.append(body)
+            with self.lock:
+                self.members.add(cid)
+                after = int(body.get("last_seq", 0))
+                recovered = body.get("epoch") == "ep1"
+                events = [e for e in self.log if e["seq"] > after] if recovered else []
+                welcome = {
+                    "type": "welcome",
+                    "session": "s1",
+                    "epoch": "ep1",
+                    "resumed": bool(self.log),
+                    "recovered": recovered,
+                    "seq": len(self.log),
+                    "you": {"user": "u-ada", "name": "Ada", "connection": cid},
+                    "participants": [{"user": "u-ada", "name": "Ada", "status": "active"}],
+                    "mode": "every",
+                    "grace_seconds": 120,
+                    "events": events,
+                    "transcript": None if recovered else list(self.log),
+                    "agent": {"offline": True, "model": "offline-stand-in"},
+                }
+            # Split like the real sender does for big frames, to exercise reassembly.
+            data = json.dumps(welcome)
+            parts = [data[i : i + 100] for i in range(0, len(data), 100)]
+            for index, part in enumerate(parts):
+                self._post(
+                    cid,
+                    {
+                        "type": "part",
+                        "id": "p-1",
+                        "index": index,
+                        "count": len(parts),
+                        "data": part,
+                    },
+                )
+        elif body["action"] == "say":
+            self._publish(
+                {
+                    "type": "message",
+                    "id": body["id"],
+                    "user": "u-ada",
+                    "name": "Ada",
+                    "text": body["text"],
+                    "ts": 1,
+                }
+            )
+            self._post(
+                cid, {"type": "ack", "id": body["id"], "seq": len(self.log), "duplicate": False}
+            )
+            for index, piece in enumerate(["You ", "said ", body["text"]]):
+                for member in list(self.members):
+                    self._post(
+                        member,
+                        {"type": "agent_delta", "turn": body["id"], "index": index, "text": piece},
+                    )
+            self._publish(
+                {
+                    "type": "agent_message",
+                    "turn": body["id"],
+                    "text": "You said " + body["text"],
+                    "ts": 2,
+                }
+            )
+        elif body["action"] == "ping":
+            self._post(cid, {"type": "pong", "ts": 3})
+        return {"statusCode": 200}
+
+    def disconnect(self, event: dict[str, Any], context: Any) -> Any:
+        with self.lock:
+            self.members.discard(event["requestContext"]["connectionId"])
+        return {"statusCode": 200}
+
+
+@pytest.fixture
+def fake_room() -> Iterator[tuple[FakeRoom, Gateway, RunningServer]]:
+    room = FakeRoom()
+    gateway = Gateway(
+        connect=lambda e, c: {"statusCode": 200},
+        message=room.message,
+        disconnect=room.disconnect,
+    )
+    room.gateway = gateway
+    with serve(gateway.app(), gateway) as running:
+        yield room, gateway, running
+
+
+async def test_client_says_and_waits_for_the_agent(
+    fake_room: tuple[FakeRoom, Gateway, RunningServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from rejoin_local import client
+
+    _, _, running = fake_room
+    argv = [
+        "--url",
+        f"{running.ws_url}/ws",
+        "--session",
+        "s1",
+        "--name",
+        "Ada",
+        "--say",
+        "hello",
+        "--wait-agent",
+        "--timeout",
+        "10",
+    ]
+    assert await asyncio.to_thread(client.main, argv) == 0
+    out = capsys.readouterr().out
+    assert "joined s1 as Ada" in out and "offline stand-in model" in out
+    assert "#1 Ada: hello" in out
+    assert "#2 agent: You said hello" in out
+
+
+async def test_client_resumes_from_the_last_seq_after_a_drop(
+    fake_room: tuple[FakeRoom, Gateway, RunningServer],
+) -> None:
+    import io
+
+    from rejoin_local.client import ChatClient
+
+    room, gateway, running = fake_room
+    out = io.StringIO()
+    chat = ChatClient(url=f"{running.ws_url}/ws", session="s1", token="t", out=out)
+    runner = asyncio.create_task(chat.run())
+    try:
+        await asyncio.wait_for(chat._welcomed.wait(), 5)
+        first = await chat.say("one")
+        await chat.wait_for_agent(first, 5)
+        assert chat.last_seq == 2
+        # The network drops (and the gateway loses the $disconnect); messages go on.
+        (cid,) = list(gateway.connections)
+        await asyncio.wrap_future(gateway.drop(cid, lose_disconnect=False))
+        room._publish(
+            {
+                "type": "message",
+                "id": "x-1",
+                "user": "u-bob",
+                "name": "Bob",
+                "text": "while you were away",
+                "ts": 4,
+            }
+        )
+        await _until(lambda: len(room.resumes) >= 2)
+        assert room.resumes[-1] == {"action": "resume", "epoch": "ep1", "last_seq": 2}
+        await _until(lambda: chat.last_seq >= 3)
+        second = await chat.say("two")
+        await chat.wait_for_agent(second, 5)
+    finally:
+        runner.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await runner
+    lines = out.getvalue().splitlines()
+    # Every event printed once, in seq order, across the drop.
+    printed = [int(m.group(1)) for m in (re.search(r"\] #(\d+) ", line) for line in lines) if m]
+    assert printed == [1, 2, 3, 4, 5]
+    assert any("while you were away" in line for line in lines)
+    assert any("reconnecting" in line for line in lines)

@@ -2,7 +2,7 @@
 
 ::
 
-    python -m rejoin_local.client --session demo --name Ada          # local stack, token minted here
+    python -m rejoin_local.client --session demo --name Ada    # local stack: token minted here
     python -m rejoin_local.client --url wss://.../prod --session s1 --token "$JWT"
     python -m rejoin_local.client --session demo --name Bot --say "hello" --wait-agent
 
@@ -194,8 +194,10 @@ class ChatClient:
         if fresh:
             self.seen.clear()
             self.last_seq = 0
-            self._line("* the session ended while you were away (its grace period passed): "
-                       "this is a fresh session with an empty history")
+            self._line(
+                "* the session ended while you were away (its grace period passed): "
+                "this is a fresh session with an empty history"
+            )
         self.epoch = str(w.get("epoch"))
         you = w.get("you") or {}
         self.user = you.get("user", self.user)
@@ -281,9 +283,13 @@ class ChatClient:
         if self._ws is not None:
             await self._ws.close(4000, "client drop")
 
-    async def wait_for_agent(self, turn: str, timeout: float) -> str:
-        """Wait for the ``agent_message`` answering ``turn``."""
-        async with asyncio.timeout(timeout), self._changed:
+    async def wait_for_agent(self, turn: str, seconds: float) -> str:
+        """Wait up to ``seconds`` for the ``agent_message`` answering ``turn``.
+
+        Raises:
+            TimeoutError: it did not come in time.
+        """
+        async with asyncio.timeout(seconds), self._changed:
             await self._changed.wait_for(lambda: turn in self.agent_replies)
         return self.agent_replies[turn]
 
@@ -295,8 +301,13 @@ class ChatClient:
             self._welcomed.clear()
             self._early.clear()
             try:
-                ws = await connect(self._full_url(), max_size=None, open_timeout=10,
-                                   ping_interval=None, compression=None)
+                ws = await connect(
+                    self._full_url(),
+                    max_size=None,
+                    open_timeout=10,
+                    ping_interval=None,
+                    compression=None,
+                )
             except InvalidStatus as exc:
                 status = exc.response.status_code
                 refusals += 1
@@ -403,8 +414,12 @@ async def _scripted(client: ChatClient, args: argparse.Namespace) -> int:
 
 async def _amain(args: argparse.Namespace, token: str, remint: Any) -> int:
     client = ChatClient(
-        url=args.url, session=args.session, token=token, show_deltas=not args.no_deltas,
-        raw=args.json, remint=remint,
+        url=args.url,
+        session=args.session,
+        token=token,
+        show_deltas=not args.no_deltas,
+        raw=args.json,
+        remint=remint,
     )
     runner = asyncio.create_task(client.run())
     try:
@@ -445,17 +460,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m rejoin_local.client",
         description="Chat in a rejoin session from the terminal. " + HELP,
     )
-    p.add_argument("--url", default=os.environ.get("REJOIN_WS_URL", DEFAULT_URL),
-                   help=f"the WebSocket URL (env REJOIN_WS_URL, default {DEFAULT_URL})")
+    p.add_argument(
+        "--url",
+        default=os.environ.get("REJOIN_WS_URL", DEFAULT_URL),
+        help=f"the WebSocket URL (env REJOIN_WS_URL, default {DEFAULT_URL})",
+    )
     p.add_argument("--session", required=True, help="the session id")
     who = p.add_mutually_exclusive_group(required=True)
     who.add_argument("--token", help="a participant token (JWT)")
     who.add_argument("--name", help="mint a local token for this display name")
     p.add_argument("--user", help="the user id to mint for (default: from the name)")
-    p.add_argument("--say", action="append", default=[], metavar="TEXT",
-                   help="send TEXT and exit (repeatable) instead of reading stdin")
-    p.add_argument("--wait-agent", action="store_true",
-                   help="with --say: exit after the agent's reply to the last message")
+    p.add_argument(
+        "--say",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="send TEXT and exit (repeatable) instead of reading stdin",
+    )
+    p.add_argument(
+        "--wait-agent",
+        action="store_true",
+        help="with --say: exit after the agent's reply to the last message",
+    )
     p.add_argument("--leave", action="store_true", help="with --say: send leave before exiting")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait (default 60)")
     p.add_argument("--no-deltas", action="store_true", help="do not print streamed pieces")
@@ -480,8 +506,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         user = args.user or f"u-{slug}"
 
         def remint() -> str:
-            return mint_token(secret=secret, session_id=args.session, user_id=user,
-                              name=args.name, ttl_seconds=12 * 3600)
+            return mint_token(
+                secret=secret,
+                session_id=args.session,
+                user_id=user,
+                name=args.name,
+                ttl_seconds=12 * 3600,
+            )
 
         try:
             token = remint()

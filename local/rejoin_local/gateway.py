@@ -247,7 +247,7 @@ class Gateway:
         if self._sweeper is None:
             self._sweeper = asyncio.create_task(self._sweep(), name="rejoin-gateway-sweeper")
 
-    async def stop(self, *, timeout: float = 5.0) -> None:
+    async def stop(self, *, drain_seconds: float = 5.0) -> None:
         """Close every socket (``$disconnect`` runs), stop the sweeper, drain handlers."""
         if self._sweeper is not None:
             self._sweeper.cancel()
@@ -258,7 +258,7 @@ class Gateway:
             await self._close(conn, 1001, "Going away")
         pending = [t for t in self._tasks if not t.done()]
         if pending:
-            await asyncio.wait(pending, timeout=timeout)
+            await asyncio.wait(pending, timeout=drain_seconds)
         if self._own_executor:
             self._executor.shutdown(wait=False, cancel_futures=True)
 
@@ -354,8 +354,9 @@ class Gateway:
             "headers": headers,
             "multiValueHeaders": multi_headers,
         }
-        pairs = parse_qsl(websocket.scope.get("query_string", b"").decode("latin-1"),
-                          keep_blank_values=True)
+        pairs = parse_qsl(
+            websocket.scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True
+        )
         if pairs:
             single: dict[str, str] = {}
             multi: dict[str, list[str]] = {}
@@ -445,7 +446,8 @@ class Gateway:
         session = websocket.query_params.get("session")
         event = self.connect_event(websocket, connection_id, int(connected_at * 1000))
         started = time.monotonic()
-        status, headers = 500, {}
+        status: int = 500
+        headers: dict[str, str] = {}
         try:
             result = await self._invoke("connect", event)
             status, headers = _status_of(result)
@@ -457,13 +459,16 @@ class Gateway:
         elapsed = (time.monotonic() - started) * 1000
         if not 200 <= status < 300:
             self.stats["refused"] += 1
-            log.info("connect %s session=%s refused %d (%.0f ms)", connection_id, session,
-                     status, elapsed)
+            log.info(
+                "connect %s session=%s refused %d (%.0f ms)",
+                connection_id,
+                session,
+                status,
+                elapsed,
+            )
             await websocket.send_denial_response(Response(status_code=status))
             return
-        subprotocol = headers.get("Sec-WebSocket-Protocol") or headers.get(
-            "sec-websocket-protocol"
-        )
+        subprotocol = headers.get("Sec-WebSocket-Protocol") or headers.get("sec-websocket-protocol")
         await websocket.accept(subprotocol=subprotocol)
         now_m = time.monotonic()
         conn = LocalConnection(
@@ -502,9 +507,7 @@ class Gateway:
                 if text is not None:
                     self._spawn(self._handle_message(conn, text, False))
                 elif data is not None:
-                    self._spawn(
-                        self._handle_message(conn, base64.b64encode(data).decode(), True)
-                    )
+                    self._spawn(self._handle_message(conn, base64.b64encode(data).decode(), True))
         except Exception:  # the socket broke under us
             code, reason = 1006, "Connection closed abnormally"
         finally:
@@ -526,8 +529,12 @@ class Gateway:
             reason = _DEFAULT_REASONS.get(code, "")
         conn.closed.set()
         if conn.lose_disconnect:
-            log.info("disconnect %s session=%s code=%d ($disconnect lost on purpose)",
-                     conn.id, conn.session, code)
+            log.info(
+                "disconnect %s session=%s code=%d ($disconnect lost on purpose)",
+                conn.id,
+                conn.session,
+                code,
+            )
             return
         self.stats["disconnects"] += 1
         log.info("disconnect %s session=%s code=%d %s", conn.id, conn.session, code, reason)
@@ -553,11 +560,19 @@ class Gateway:
         except Exception:
             log.exception("message %s route=%s: the handler raised", conn.id, route)
             answer = "Internal server error"
-        log.debug("message %s route=%s %d bytes (%.0f ms)", conn.id, route, len(body),
-                  (time.monotonic() - started) * 1000)
+        log.debug(
+            "message %s route=%s %d bytes (%.0f ms)",
+            conn.id,
+            route,
+            len(body),
+            (time.monotonic() - started) * 1000,
+        )
         if answer is not None:
-            frame = {"message": answer, "connectionId": conn.id,
-                     "requestId": event["requestContext"]["requestId"]}
+            frame = {
+                "message": answer,
+                "connectionId": conn.id,
+                "requestId": event["requestContext"]["requestId"],
+            }
             with contextlib.suppress(ConnectionGone):
                 await self._send(conn, json.dumps(frame))
 
@@ -616,12 +631,12 @@ class Gateway:
             PayloadTooLarge: ``data`` is over the message limit.
         """
         if len(data) > self.config.message_limit:
-            raise PayloadTooLarge(f"{len(data)} bytes is over the {self.config.message_limit} limit")
+            raise PayloadTooLarge(
+                f"{len(data)} bytes is over the {self.config.message_limit} limit"
+            )
         if isinstance(data, bytes):
-            try:
+            with contextlib.suppress(UnicodeDecodeError):
                 data = data.decode("utf-8")
-            except UnicodeDecodeError:
-                pass
         conn = self.connections.get(connection_id)
         if conn is None or self._loop is None:
             raise ConnectionGone(f"connection {connection_id} is gone")
@@ -853,7 +868,10 @@ def client_address(sock: socket.socket) -> tuple[str, int]:
 
 @contextlib.contextmanager
 def serve(
-    app: Any, gateway: Gateway | None = None, host: str = "127.0.0.1", port: int = 0,
+    app: Any,
+    gateway: Gateway | None = None,
+    host: str = "127.0.0.1",
+    port: int = 0,
     **uvicorn_kwargs: Any,
 ) -> Iterator[RunningServer]:
     """Serve ``app`` (holding ``gateway``) with uvicorn in a background thread.

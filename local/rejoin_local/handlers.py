@@ -13,6 +13,7 @@ a running event loop.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import itertools
 import sys
@@ -64,7 +65,9 @@ def available_handlers(functions_dir: Path = FUNCTIONS_DIR) -> list[str]:
     return sorted(p.parent.name for p in functions_dir.glob("*/app.py"))
 
 
-def load_module(name: str, *, functions_dir: Path = FUNCTIONS_DIR, reload: bool = False) -> ModuleType:
+def load_module(
+    name: str, *, functions_dir: Path = FUNCTIONS_DIR, reload: bool = False
+) -> ModuleType:
     """Import ``functions/<name>/app.py`` as ``rejoin_fn_<name>`` (cached).
 
     Raises:
@@ -91,10 +94,8 @@ def load_module(name: str, *, functions_dir: Path = FUNCTIONS_DIR, reload: bool 
             sys.modules.pop(module_name, None)
             raise
         finally:
-            try:
+            with contextlib.suppress(ValueError):
                 sys.path.remove(task_root)
-            except ValueError:
-                pass
         _modules[name] = module
         return module
 

@@ -39,6 +39,7 @@ import math
 import os
 import re
 import secrets
+import signal
 import sys
 import time
 import uuid
@@ -61,14 +62,20 @@ from .handlers import LocalLambdaContext, ensure_shared_on_path, load_api_app, l
 ensure_shared_on_path()
 
 from rejoin.config import Settings  # noqa: E402
-from rejoin.errors import ConnectionGone, RejoinError  # noqa: E402
+from rejoin.errors import RejoinError  # noqa: E402
 from rejoin.queue import InMemoryTurnQueue, TurnRequest, sqs_event  # noqa: E402
 from rejoin.runtime import Runtime, set_runtime  # noqa: E402
 from rejoin.sender import InMemorySender  # noqa: E402
 
-from .gateway import Gateway, GatewayConfig, RunningServer, bind, client_address  # noqa: E402
+from .gateway import (  # noqa: E402
+    Gateway,
+    GatewayConfig,
+    RunningServer,
+    bind,
+    client_address,
+    uvicorn_config,
+)
 from .gateway import serve as serve_gateway  # noqa: E402
-from .gateway import uvicorn_config  # noqa: E402
 
 __all__ = [
     "DEFAULT_ADMIN_KEY",
@@ -186,8 +193,12 @@ class StackConfig:
     def settings(self, upstash_url: str) -> Settings:
         """The handlers' settings: the environment, pointed at the local services."""
         env = dict(self.env)
-        for name in ("REJOIN_UPSTASH_SECRET", "REJOIN_TOKEN_SECRET_NAME",
-                     "REJOIN_OPENAI_SECRET_NAME", "REJOIN_ADMIN_SECRET_NAME"):
+        for name in (
+            "REJOIN_UPSTASH_SECRET",
+            "REJOIN_TOKEN_SECRET_NAME",
+            "REJOIN_OPENAI_SECRET_NAME",
+            "REJOIN_ADMIN_SECRET_NAME",
+        ):
             if env.pop(name, None):
                 log.warning("%s is ignored by the local stack (no Secrets Manager here)", name)
         env["UPSTASH_REDIS_REST_URL"] = upstash_url
@@ -262,7 +273,6 @@ class LocalSender(InMemorySender):
             return  # on the gateway's own loop: it runs on its own
         with contextlib.suppress(Exception):
             await asyncio.wrap_future(future)
-
 
 
 class TurnWorker:
@@ -341,7 +351,9 @@ class TurnWorker:
         attempt = 1
         while remaining:
             event = sqs_event(remaining, receive_count=attempt)
-            by_id = {rec["messageId"]: t for rec, t in zip(event["Records"], remaining, strict=True)}
+            by_id = {
+                rec["messageId"]: t for rec, t in zip(event["Records"], remaining, strict=True)
+            }
             turns = ",".join(t.turn_id for t in remaining)
             turn_log.info("turn start session=%s turns=%s attempt=%d", session_id, turns, attempt)
             started = time.monotonic()
@@ -359,7 +371,11 @@ class TurnWorker:
             done = len(remaining) - len(failed)
             self.processed += done
             turn_log.info(
-                "turn end session=%s ok=%d failed=%d (%.2f s)", session_id, done, len(failed), elapsed
+                "turn end session=%s ok=%d failed=%d (%.2f s)",
+                session_id,
+                done,
+                len(failed),
+                elapsed,
             )
             if not failed:
                 return
@@ -368,7 +384,9 @@ class TurnWorker:
                     self.dead_letters.append(turn)
                     turn_log.error(
                         "turn dead-lettered session=%s turn=%s after %d attempts",
-                        session_id, turn.turn_id, attempt,
+                        session_id,
+                        turn.turn_id,
+                        attempt,
                     )
                 return
             # Back at the front of the session's line: retried before later turns.
@@ -377,12 +395,12 @@ class TurnWorker:
             attempt += 1
             await asyncio.sleep(delay)
 
-    async def stop(self, timeout: float = 10.0) -> None:
-        """Let running batches finish (up to ``timeout``), then cancel; report leftovers."""
+    async def stop(self, drain_seconds: float = 10.0) -> None:
+        """Let running batches finish (up to ``drain_seconds``), then cancel; report leftovers."""
         self._stopping = True
         tasks = list(self._tasks.values())
         if tasks:
-            done, pending = await asyncio.wait(tasks, timeout=timeout)
+            _, pending = await asyncio.wait(tasks, timeout=drain_seconds)
             for task in pending:
                 task.cancel()
             if pending:
@@ -439,9 +457,9 @@ class Stack:
 
     # -------------------------------------------------------------- handlers
 
-    async def _call(self, name: str, event: dict[str, Any], timeout: float) -> Any:
+    async def _call(self, name: str, event: dict[str, Any], budget: float) -> Any:
         handler = load_handler(name)
-        context = LocalLambdaContext(f"rejoin-{name}", timeout_seconds=timeout)
+        context = LocalLambdaContext(f"rejoin-{name}", timeout_seconds=budget)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.executor, functools.partial(handler, event, context))
 
@@ -455,7 +473,8 @@ class Stack:
             if expired or stale:
                 cleanup_log.info(
                     "cleanup: %d expired session(s) deleted, %d stale connection(s) dropped",
-                    len(expired), len(stale),
+                    len(expired),
+                    len(stale),
                 )
             else:
                 cleanup_log.debug("cleanup: nothing to do")
@@ -487,8 +506,13 @@ class Stack:
             name=name,
             ttl_seconds=LOCAL_TOKEN_TTL,
         )
-        return {"token": token, "session": session, "user": user, "name": name.strip(),
-                "expires_in": LOCAL_TOKEN_TTL}
+        return {
+            "token": token,
+            "session": session,
+            "user": user,
+            "name": name.strip(),
+            "expires_in": LOCAL_TOKEN_TTL,
+        }
 
     async def _local_token(self, request: Request) -> Response:
         try:
@@ -498,8 +522,10 @@ class Stack:
         if not isinstance(body, dict):
             return JSONResponse({"detail": "send JSON {session, name}"}, status_code=400)
         session, name, user = body.get("session"), body.get("name"), body.get("user")
-        if not isinstance(session, str) or not isinstance(name, str) or (
-            user is not None and not isinstance(user, str)
+        if (
+            not isinstance(session, str)
+            or not isinstance(name, str)
+            or (user is not None and not isinstance(user, str))
         ):
             return JSONResponse({"detail": "session and name must be strings"}, status_code=400)
         try:
@@ -515,12 +541,14 @@ class Stack:
     async def _local_info(self, request: Request) -> Response:
         s = self.settings
         assert s is not None
-        return JSONResponse({
-            "grace_seconds": s.grace_seconds,
-            "offline_model": not s.openai_api_key,
-            "model": s.model,
-            "cleanup_interval_seconds": self.config.cleanup_interval,
-        })
+        return JSONResponse(
+            {
+                "grace_seconds": s.grace_seconds,
+                "offline_model": not s.openai_api_key,
+                "model": s.model,
+                "cleanup_interval_seconds": self.config.cleanup_interval,
+            }
+        )
 
     def _api_app(self) -> Any:
         try:
@@ -531,11 +559,17 @@ class Stack:
             log.warning("functions/api/app.py is missing: /api answers 503")
 
             async def missing(request: Request) -> Response:
-                return JSONResponse({"detail": "the HTTP API (functions/api) is not there yet"},
-                                    status_code=503)
+                return JSONResponse(
+                    {"detail": "the HTTP API (functions/api) is not there yet"}, status_code=503
+                )
 
-            return Starlette(routes=[Route("/{path:path}", missing,
-                                           methods=["GET", "POST", "PUT", "DELETE", "PATCH"])])
+            return Starlette(
+                routes=[
+                    Route(
+                        "/{path:path}", missing, methods=["GET", "POST", "PUT", "DELETE", "PATCH"]
+                    )
+                ]
+            )
 
     def build_app(self) -> Starlette:
         """The gateway, the management API, the page and the HTTP API, as one ASGI app."""
@@ -636,9 +670,10 @@ class Stack:
     @contextlib.contextmanager
     def serve_in_thread(self) -> Iterator[StackUrls]:
         """Run the stack in background threads (tests); stops when the block exits."""
-        with self.prepared() as app, serve_gateway(
-            app, self.gateway, self.config.host, self.config.port
-        ) as running:
+        with (
+            self.prepared() as app,
+            serve_gateway(app, self.gateway, self.config.host, self.config.port) as running,
+        ):
             yield self._urls(running)
 
     def _urls(self, running: RunningServer) -> StackUrls:
@@ -684,8 +719,11 @@ class Stack:
             "Press Ctrl-C to stop.",
         ]
         if self.config.host not in ("127.0.0.1", "localhost", "::1"):
-            lines.insert(1, f"  WARNING: listening on {self.config.host}: anyone who reaches it "
-                            "can mint tokens through /local/token")
+            lines.insert(
+                1,
+                f"  WARNING: listening on {self.config.host}: anyone who reaches it "
+                "can mint tokens through /local/token",
+            )
         return "\n".join(lines)
 
     def run(self) -> int:
@@ -694,21 +732,31 @@ class Stack:
         try:
             sock = bind(cfg.host, cfg.port)
         except OSError as exc:
-            print(f"cannot listen on {cfg.host}:{cfg.port} ({exc.strerror}): "
-                  "pick another port with --port", file=sys.stderr)
+            print(
+                f"cannot listen on {cfg.host}:{cfg.port} ({exc.strerror}): "
+                "pick another port with --port",
+                file=sys.stderr,
+            )
             return 1
         try:
             with self.prepared() as app:
                 host, port = client_address(sock)
                 shown = f"[{host}]" if ":" in host else host
-                urls = StackUrls(http=f"http://{shown}:{port}", ws=f"ws://{shown}:{port}/ws",
-                                 upstash=self.upstash_url or "")
+                urls = StackUrls(
+                    http=f"http://{shown}:{port}",
+                    ws=f"ws://{shown}:{port}/ws",
+                    upstash=self.upstash_url or "",
+                )
                 server = uvicorn.Server(uvicorn_config(app, self.gateway))
                 self.on_started = lambda: print(self.describe(urls), flush=True)
+                # uvicorn shuts down gracefully on Ctrl-C (or SIGTERM), then re-raises
+                # the signal: handled here as a KeyboardInterrupt, so the rest stops too.
+                previous = signal.signal(signal.SIGTERM, _interrupt)
                 try:
-                    server.run(sockets=[sock])
-                except KeyboardInterrupt:
-                    pass  # uvicorn shut down gracefully, then re-raised the Ctrl-C
+                    with contextlib.suppress(KeyboardInterrupt):
+                        server.run(sockets=[sock])
+                finally:
+                    signal.signal(signal.SIGTERM, previous)
                 log.info("stopping: sockets closed, worker and cleanup stopped")
         except KeyboardInterrupt:
             pass
@@ -716,6 +764,10 @@ class Stack:
             sock.close()
         log.info("stopped")
         return 0
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def _redact(url: str | None) -> str:
@@ -737,17 +789,35 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--host", help="interface to bind (env REJOIN_HOST, default 127.0.0.1)")
     p.add_argument("--port", type=int, help="gateway/page/API port (env REJOIN_PORT, default 8080)")
-    p.add_argument("--upstash-port", type=int,
-                   help="Upstash-compatible endpoint port (env REJOIN_UPSTASH_PORT, default 8079)")
-    p.add_argument("--redis-url", help="front a real Redis (env REDIS_URL; default: embedded store)")
-    p.add_argument("--grace", type=int, metavar="SECONDS",
-                   help="reconnect grace period (env REJOIN_GRACE_SECONDS, default 120)")
-    p.add_argument("--cleanup-interval", type=float, metavar="SECONDS",
-                   help="seconds between cleanups (env REJOIN_CLEANUP_INTERVAL_SECONDS, default 60)")
-    p.add_argument("--idle-timeout", type=float, metavar="SECONDS",
-                   help="gateway idle timeout (env REJOIN_IDLE_TIMEOUT_SECONDS, default 600)")
-    p.add_argument("--verbose", "-v", action="store_true",
-                   help="also show the handlers' own JSON logs (INFO)")
+    p.add_argument(
+        "--upstash-port",
+        type=int,
+        help="Upstash-compatible endpoint port (env REJOIN_UPSTASH_PORT, default 8079)",
+    )
+    p.add_argument(
+        "--redis-url", help="front a real Redis (env REDIS_URL; default: embedded store)"
+    )
+    p.add_argument(
+        "--grace",
+        type=int,
+        metavar="SECONDS",
+        help="reconnect grace period (env REJOIN_GRACE_SECONDS, default 120)",
+    )
+    p.add_argument(
+        "--cleanup-interval",
+        type=float,
+        metavar="SECONDS",
+        help="seconds between cleanups (env REJOIN_CLEANUP_INTERVAL_SECONDS, default 60)",
+    )
+    p.add_argument(
+        "--idle-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="gateway idle timeout (env REJOIN_IDLE_TIMEOUT_SECONDS, default 600)",
+    )
+    p.add_argument(
+        "--verbose", "-v", action="store_true", help="also show the handlers' own JSON logs (INFO)"
+    )
     return p
 
 

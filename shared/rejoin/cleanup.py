@@ -61,9 +61,7 @@ async def run_cleanup(rt: Runtime) -> CleanupReport:
                 continue
             departure = await rooms.disconnect(found[0], connection_id)
             if departure is not None:
-                await publish(
-                    rt, rooms, rt.sender(), found[0], departure.recipients, departure.event
-                )
+                await publish(rooms, rt.sender(), found[0], departure.recipients, departure.event)
         if len(idle) < BATCH:
             break
 

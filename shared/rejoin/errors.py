@@ -17,6 +17,7 @@ __all__ = [
     "InvalidParticipant",
     "InvalidSessionId",
     "NotInSession",
+    "NotJoined",
     "PayloadTooLarge",
     "RateLimited",
     "RejoinError",
@@ -148,6 +149,10 @@ class RoomError(RejoinError):
 
 class NotInSession(RoomError):
     """The connection is not (or no longer) part of any live session."""
+
+
+class NotJoined(RoomError):
+    """The connection sent ``say`` before ``resume``."""
 
 
 class TurnBusy(RoomError):

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from ._lua import RedisClient, Script
-from .errors import NotInSession, RoomError
+from .errors import NotInSession, NotJoined, RoomError
 from .keys import SessionKeys
 
 __all__ = [
@@ -597,7 +597,7 @@ class RoomStore:
 
         Raises:
             NotInSession: the connection is not in this session.
-            RoomError: the connection has not sent ``resume`` yet.
+            NotJoined: the connection has not sent ``resume`` yet.
         """
         keys = self.keys(session_id)
         try:
@@ -610,7 +610,7 @@ class RoomStore:
             _raise_not_in_session(exc)
             raise
         if int(reply[0]) == -1:
-            raise RoomError("not_joined")
+            raise NotJoined("send resume before say")
         status, seq, event, recipients, epoch, mode, rec = reply
         me = json.loads(rec)
         return Said(

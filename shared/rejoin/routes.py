@@ -17,8 +17,8 @@ from .errors import (
     FrameError,
     InvalidSessionId,
     NotInSession,
+    NotJoined,
     RateLimited,
-    RoomError,
     SendError,
     SessionGone,
     StoreError,
@@ -78,7 +78,7 @@ def addresses_agent(text: str, agent_name: str) -> bool:
 
 
 async def _drop_gone(
-    rt: Runtime, rooms: RoomStore, sender: ConnectionSender, session_id: str, gone: list[str]
+    rooms: RoomStore, sender: ConnectionSender, session_id: str, gone: list[str]
 ) -> None:
     # A connection that answered 410 is dead: treat it as disconnected, and
     # tell the others. Their own dead connections are dealt with next time.
@@ -90,7 +90,6 @@ async def _drop_gone(
 
 
 async def publish(
-    rt: Runtime,
     rooms: RoomStore,
     sender: ConnectionSender,
     session_id: str,
@@ -102,7 +101,7 @@ async def publish(
         return
     result = await broadcast(sender, recipients, event)
     if result.gone:
-        await _drop_gone(rt, rooms, sender, session_id, result.gone)
+        await _drop_gone(rooms, sender, session_id, result.gone)
 
 
 async def on_connect(
@@ -140,7 +139,6 @@ async def on_connect(
         stale = await rooms.disconnect(joined.stale_session, connection_id)
         if stale is not None:
             await publish(
-                rt,
                 rooms,
                 rt.sender(request_context),
                 joined.stale_session,
@@ -151,9 +149,7 @@ async def on_connect(
     if joined.resumed:
         count("Resumes")
     logger.info("connected", extra={"epoch": joined.epoch, "resumed": joined.resumed})
-    await publish(
-        rt, rooms, rt.sender(request_context), session_id, joined.recipients, joined.event
-    )
+    await publish(rooms, rt.sender(request_context), session_id, joined.recipients, joined.event)
     return Answer(200)
 
 
@@ -173,7 +169,6 @@ async def on_disconnect(
         bind(user_id=departure.user)
         logger.info("disconnected", extra={"grace_deadline_ms": departure.grace_deadline})
         await publish(
-            rt,
             rooms,
             rt.sender(request_context),
             session_id,
@@ -217,7 +212,7 @@ async def on_message(
         elif isinstance(frame, Leave):
             departure = await rooms.disconnect(session_id, connection_id, left=True)
             if departure is not None:
-                await publish(rt, rooms, sender, session_id, departure.recipients, departure.event)
+                await publish(rooms, sender, session_id, departure.recipients, departure.event)
             await sender.close(connection_id)
     except FrameError as exc:
         client_id = client_id or exc.client_id
@@ -237,14 +232,8 @@ async def on_message(
                 client_id=client_id,
             ),
         )
-    except RoomError as exc:
-        if str(exc) != "not_joined":
-            raise
-        await _tell(
-            sender,
-            connection_id,
-            error_frame("not_joined", "send resume before say", client_id=client_id),
-        )
+    except NotJoined as exc:
+        await _tell(sender, connection_id, error_frame("not_joined", str(exc), client_id=client_id))
     except StoreError:
         logger.exception("store failed")
         await _tell(
@@ -308,7 +297,7 @@ async def _say(
     said = await rooms.say(session_id, connection_id, frame.id, frame.text)
     bind(user_id=said.user)
     if not said.duplicate:
-        await publish(rt, rooms, sender, session_id, said.recipients, said.event)
+        await publish(rooms, sender, session_id, said.recipients, said.event)
     await _tell(sender, connection_id, ack_frame(frame.id, said.seq, said.duplicate))
     respond = said.mode == "every" or addresses_agent(frame.text, rt.settings.agent_name)
     # Queued again for a duplicate too: if the first enqueue failed, the

@@ -142,7 +142,7 @@ async def run_turn(
             )
         raise
     count("Turns")
-    await publish(rt, rooms, sender, turn.session_id, recipients, event)
+    await publish(rooms, sender, turn.session_id, recipients, event)
     return "done"
 
 
@@ -175,7 +175,16 @@ async def _stream(
         if recipients:
             await broadcast(sender, recipients, frame)
 
-    result = agents.Runner.run_streamed(agent, text, session=session)
+    result = agents.Runner.run_streamed(
+        agent,
+        text,
+        session=session,
+        run_config=agents.RunConfig(
+            workflow_name="rejoin turn",
+            group_id=turn.session_id,
+            trace_metadata={"turn": turn.turn_id, "epoch": turn.epoch},
+        ),
+    )
     async for event in result.stream_events():
         if event.type == "raw_response_event" and event.data.type == "response.output_text.delta":
             buffer.append(event.data.delta)

@@ -1,0 +1,99 @@
+"""``python -m bench [--quick] [--only store|rooms] [--json PATH]`` from the repo root.
+
+Starts a private ``redis-server`` (never the shared one) and the local
+Upstash-compatible endpoint in front of it, runs the benchmarks, prints their
+tables (Markdown) and each goal as PASS/FAIL. Goals are reported, not
+enforced: the exit status is non-zero only when a benchmark crashes.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+_ROOT = Path(__file__).resolve().parents[1]
+# shared/ is the Lambda layer, local/ the local stack, tests/ the harness.
+for _path in (_ROOT / "tests", _ROOT / "local", _ROOT / "shared"):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+# Handlers log JSON lines and flush metrics to stdout on every call: keep the
+# tables readable (warnings and errors still show).
+os.environ.setdefault("POWERTOOLS_LOG_LEVEL", "WARNING")
+os.environ.setdefault("POWERTOOLS_METRICS_DISABLED", "true")
+
+import argparse  # noqa: E402
+import datetime  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import time  # noqa: E402
+import traceback  # noqa: E402
+from typing import Any  # noqa: E402
+
+from bench._measure import Report  # noqa: E402
+from bench._stack import private_redis, upstash_endpoint  # noqa: E402
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a reduced run (a few seconds)")
+    parser.add_argument("--only", choices=["store", "rooms"], help="run one benchmark")
+    parser.add_argument("--json", metavar="PATH", help="also write the raw figures as JSON")
+    return parser
+
+
+def _machine() -> str:
+    return (
+        f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs (shared), "
+        f"Python {platform.python_version()}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from bench import rooms, store
+
+    started = time.monotonic()
+    print(f"# rejoin benchmarks{' (quick)' if args.quick else ''}")
+    print(f"\n{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC; {_machine()}")
+    reports: list[Report] = []
+    crashed = False
+    with private_redis() as redis_url, upstash_endpoint(redis_url) as endpoint:
+        print(f"private redis-server at {redis_url}; Upstash-compatible endpoint {endpoint.url}")
+        for name, module in (("store", store), ("rooms", rooms)):
+            if args.only and args.only != name:
+                continue
+            try:
+                reports.append(module.run(endpoint, quick=args.quick))
+            except Exception:
+                crashed = True
+                print(f"\n!! the {name} benchmark crashed:", file=sys.stderr)
+                traceback.print_exc()
+
+    print("\n## Goals\n")
+    for report in reports:
+        for goal in report.goals:
+            print(f"- [{report.name}] {goal.line()}")
+        for check, ok in report.checks:
+            print(f"- [{report.name}] {'OK  ' if ok else 'FAIL'}  {check}")
+    print(f"\n(took {time.monotonic() - started:.0f} s)")
+    if args.json:
+        payload: dict[str, Any] = {
+            "quick": args.quick,
+            "machine": _machine(),
+            "reports": {
+                r.name: {
+                    "goals": [g.__dict__ | {"passed": g.passed} for g in r.goals],
+                    "checks": dict(r.checks),
+                    "data": r.data,
+                }
+                for r in reports
+            },
+        }
+        Path(args.json).write_text(json.dumps(payload, indent=2, default=str))
+    return 1 if crashed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""What the benchmarks run against: a private Redis and the Upstash-compatible endpoint.
+
+- :func:`private_redis` starts ``redis-server`` on a free loopback port with no
+  persistence (``--save '' --appendonly no``), like ``tests/conftest.py`` does.
+  The benchmarks never touch any other Redis (a shared one may be running on
+  6379: it is not ours).
+- :func:`upstash_endpoint` serves ``rejoin_local.upstash_rest`` in front of it
+  in a child process (its own interpreter, so its work does not share the
+  benchmark's GIL, as a real Upstash is a separate machine), and reads its
+  request counters over ``GET /_rejoin/stats``.
+- :class:`CommandStats` reads ``INFO commandstats`` of the private Redis, to
+  count what ran inside Redis (the commands a Lua script calls included).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import redis
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class StackError(RuntimeError):
+    """The private Redis or the endpoint could not be started."""
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago (the caller retries if it is taken)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=5)
+
+
+def _redis_up(url: str, proc: subprocess.Popen[bytes], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False  # most likely the port was taken meanwhile
+        client = redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5)
+        try:
+            if client.ping():
+                return True
+        except redis.ConnectionError:
+            time.sleep(0.02)
+        finally:
+            client.close()
+    return False
+
+
+@contextlib.contextmanager
+def private_redis() -> Iterator[str]:
+    """Start a throwaway ``redis-server``; yields its ``redis://`` URL.
+
+    Raises:
+        StackError: no ``redis-server`` on PATH, or it would not start.
+    """
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise StackError("redis-server is not on PATH (apt-get install redis-server)")
+    with tempfile.TemporaryDirectory(prefix="rejoin-bench-redis-") as workdir:
+        for _attempt in range(3):
+            port = free_port()
+            url = f"redis://127.0.0.1:{port}/0"
+            args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", workdir]
+            args += ["--save", "", "--appendonly", "no"]
+            with open(os.path.join(workdir, f"redis-{port}.log"), "wb") as log:
+                proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+                try:
+                    if _redis_up(url, proc):
+                        yield url
+                        return
+                finally:
+                    _stop(proc)
+        raise StackError(f"could not start redis-server (logs in {workdir})")
+
+
+@dataclass
+class Endpoint:
+    """The Upstash-compatible endpoint, running in a child process."""
+
+    url: str
+    token: str
+    redis_url: str
+    _http: httpx.Client
+
+    def stats(self) -> dict[str, Any]:
+        """``{"requests": {path: n}, "commands": {NAME: n}, "total_requests": n, ...}``."""
+        response = self._http.get(f"{self.url}/_rejoin/stats")
+        response.raise_for_status()
+        stats: dict[str, Any] = response.json()
+        return stats
+
+    def reset(self) -> None:
+        """Zero the endpoint's counters (the stats routes themselves are not counted)."""
+        self._http.post(f"{self.url}/_rejoin/stats/reset").raise_for_status()
+
+
+_URL_LINE = re.compile(rb"UPSTASH_REDIS_REST_URL=(\S+)")
+
+
+@contextlib.contextmanager
+def upstash_endpoint(redis_url: str) -> Iterator[Endpoint]:
+    """Serve ``python -m rejoin_local.upstash_rest`` in front of ``redis_url``.
+
+    Raises:
+        StackError: the endpoint did not start.
+    """
+    token = secrets.token_urlsafe(16)
+    env = dict(os.environ)
+    paths = [str(REPO_ROOT / "shared"), str(REPO_ROOT / "local")]
+    env["PYTHONPATH"] = os.pathsep.join([*paths, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    args = [sys.executable, "-m", "rejoin_local.upstash_rest", "--host", "127.0.0.1"]
+    args += ["--port", "0", "--redis-url", redis_url, "--token", token]
+    # Output goes to a file, not a pipe: a pipe nobody reads could fill and stall it.
+    log = tempfile.NamedTemporaryFile(prefix="rejoin-bench-upstash-", suffix=".log", delete=False)
+    proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT)
+    http = httpx.Client(headers={"Authorization": f"Bearer {token}"}, timeout=10.0)
+    try:
+        url = None
+        deadline = time.monotonic() + 30
+        while url is None and time.monotonic() < deadline and proc.poll() is None:
+            match = _URL_LINE.search(Path(log.name).read_bytes())
+            if match:
+                url = match.group(1).decode()
+            else:
+                time.sleep(0.02)
+        if url is None:
+            output = Path(log.name).read_text(errors="replace")
+            raise StackError(f"the Upstash endpoint did not start:\n{output}")
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                if http.get(url + "/").status_code == 200:
+                    break
+            time.sleep(0.02)
+        else:
+            raise StackError("the Upstash endpoint did not answer")
+        yield Endpoint(url=url, token=token, redis_url=redis_url, _http=http)
+    finally:
+        http.close()
+        _stop(proc)
+        log.close()
+        with contextlib.suppress(OSError):
+            os.unlink(log.name)
+
+
+class CommandStats:
+    """Counts of commands Redis executed (``INFO commandstats``), as deltas.
+
+    Commands a Lua script runs are counted too, so this shows what a script
+    costs inside Redis, beyond the one EVALSHA the endpoint sees.
+    """
+
+    def __init__(self, redis_url: str) -> None:
+        self._client = redis.Redis.from_url(redis_url)
+
+    def snapshot(self) -> dict[str, int]:
+        """Calls per command name (lower case), the INFO calls excluded."""
+        info = self._client.info("commandstats")
+        out: dict[str, int] = {}
+        for key, value in info.items():
+            name = key.removeprefix("cmdstat_")
+            if name != "info":
+                out[name] = int(value["calls"])
+        return out
+
+    @staticmethod
+    def delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+        """Commands run between two snapshots."""
+        names = set(before) | set(after)
+        diff = {n: after.get(n, 0) - before.get(n, 0) for n in names}
+        return {n: d for n, d in sorted(diff.items()) if d}
+
+    def script_flush(self) -> None:
+        """Drop Redis' script cache (the next EVALSHA misses)."""
+        self._client.script_flush()
+
+    def client(self) -> redis.Redis:
+        """The redis-py client on the private Redis (bytes replies)."""
+        return self._client
+
+    def close(self) -> None:
+        self._client.close()

@@ -1,0 +1,365 @@
+"""The session store benchmark (issue 2, item 5).
+
+Against a private ``redis-server`` behind the local Upstash-compatible
+endpoint, with the real ``upstash_redis.asyncio.Redis`` client:
+
+1. Upstash requests and commands per ``UpstashSession`` method, counted at the
+   endpoint, warm (script cached) and cold (after ``SCRIPT FLUSH``: an
+   EVALSHA miss, then EVAL), plus the commands each script runs inside Redis.
+2. ``get_items(limit=20)`` against one raw ``LRANGE key -20 -1``, and
+   ``add_items`` (2 items, as the Runner writes) against one raw ``RPUSH`` of
+   the same values, through the same client and endpoint (goal: <= 1.2).
+3. ``get_items(limit=20)`` with 100,000 items stored against 20 (goal: <= 1.3).
+4. For reference, the SDK's own ``RedisSession`` (TCP, redis.asyncio) on the
+   same Redis: latency, TCP round trips and Redis commands per call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from ._measure import Report, interleave, print_table, ratio, summarize
+from ._stack import CommandStats, Endpoint
+
+__all__ = ["run"]
+
+ROUNDS, WARMUP = 2000, 100
+QUICK_ROUNDS, QUICK_WARMUP = 30, 5
+BIG, QUICK_BIG = 100_000, 5_000
+
+
+def runner_items(n: int, start: int = 0) -> list[dict[str, Any]]:
+    """Items shaped like what the Runner stores (a few hundred bytes each)."""
+    out: list[dict[str, Any]] = []
+    for i in range(start, start + n):
+        kind = i % 4
+        if kind == 0:
+            out.append({"role": "user", "content": f"Ada: could you summarise point {i} again?"})
+        elif kind == 1:
+            out.append(
+                {
+                    "id": f"msg_{i:08d}",
+                    "type": "message",
+                    "role": "assistant",
+                    "status": "completed",
+                    "content": [
+                        {
+                            "type": "output_text",
+                            "text": f"Sure, Ada. Point {i}: the store keeps the session "
+                            "itself, so any Lambda restores it from the id alone.",
+                            "annotations": [],
+                            "logprobs": [],
+                        }
+                    ],
+                }
+            )
+        elif kind == 2:
+            out.append(
+                {
+                    "type": "function_call",
+                    "id": f"fc_{i:08d}",
+                    "call_id": f"call_{i:08d}",
+                    "name": "current_time",
+                    "arguments": "{}",
+                    "status": "completed",
+                }
+            )
+        else:
+            out.append(
+                {
+                    "type": "function_call_output",
+                    "call_id": f"call_{i - 1:08d}",
+                    "output": "2026-11-25T20:00:00+00:00",
+                }
+            )
+    return out
+
+
+def _dumps(item: dict[str, Any]) -> str:
+    return json.dumps(item, separators=(",", ":"))
+
+
+class _CountingConnection(aioredis.Connection):
+    """A redis.asyncio connection that counts what it sends (one write per round trip)."""
+
+    sends = 0
+
+    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        type(self).sends += 1
+        await super().send_packed_command(command, check_health)
+
+
+async def _fill(raw: Any, key: str, n: int) -> None:
+    # Setup only, straight over TCP: not measured.
+    await raw.delete(key)
+    chunk = 1000
+    for start in range(0, n, chunk):
+        values = [_dumps(i) for i in runner_items(min(chunk, n - start), start)]
+        await raw.rpush(key, *values)
+
+
+async def _counts(
+    endpoint: Endpoint,
+    cmdstats: CommandStats,
+    call: Callable[[], Awaitable[Any]],
+    *,
+    cold: bool = False,
+    tcp: type[_CountingConnection] | None = None,
+) -> dict[str, Any]:
+    if cold:
+        cmdstats.script_flush()
+    before = cmdstats.snapshot()
+    sends_before = tcp.sends if tcp else 0
+    endpoint.reset()
+    await call()
+    stats = endpoint.stats()
+    inside = CommandStats.delta(before, cmdstats.snapshot())
+    return {
+        "requests": stats["total_requests"],
+        "commands": stats["total_commands"],
+        "command_names": stats["commands"],
+        "redis_commands": sum(inside.values()),
+        "redis_command_names": inside,
+        "round_trips": (tcp.sends - sends_before) if tcp else None,
+    }
+
+
+async def _run(endpoint: Endpoint, cmdstats: CommandStats, quick: bool) -> Report:
+    from agents.extensions.memory import RedisSession
+
+    from rejoin import UpstashSession, upstash_client
+
+    report = Report("store")
+    rounds, warmup = (QUICK_ROUNDS, QUICK_WARMUP) if quick else (ROUNDS, WARMUP)
+    big = QUICK_BIG if quick else BIG
+    client = upstash_client(endpoint.url, endpoint.token, timeout=10.0)
+    raw_tcp = aioredis.Redis.from_url(endpoint.redis_url)
+    pool = aioredis.ConnectionPool.from_url(
+        endpoint.redis_url, connection_class=_CountingConnection
+    )
+    ref_client = aioredis.Redis(connection_pool=pool)
+    batch = runner_items(2, start=1)  # an assistant message and a function call
+    batch_raw = [_dumps(i) for i in batch]
+    try:
+        # ---------------------------------------------------------------- 1
+        s = UpstashSession("bench-count", redis=client)
+        await s.clear_session()
+        await s.add_items(runner_items(20))
+        methods: list[tuple[str, Callable[[], Awaitable[Any]]]] = [
+            ("add_items (2 items)", lambda: s.add_items(batch)),
+            ("get_items()", lambda: s.get_items()),
+            ("get_items(limit=20)", lambda: s.get_items(limit=20)),
+            ("pop_item", lambda: s.pop_item()),
+            ("_atomic_replace_items (20 items)", lambda: s._atomic_replace_items(runner_items(20))),
+            ("clear_session", lambda: s.clear_session()),
+        ]
+        ref = RedisSession("bench-count", redis_client=ref_client)
+        await ref.clear_session()
+        await ref.add_items(runner_items(20))
+        ref_methods: dict[str, Callable[[], Awaitable[Any]]] = {
+            "add_items (2 items)": lambda: ref.add_items(batch),
+            "get_items()": lambda: ref.get_items(),
+            "get_items(limit=20)": lambda: ref.get_items(limit=20),
+            "pop_item": lambda: ref.pop_item(),
+            "_atomic_replace_items (20 items)": lambda: ref._atomic_replace_items(
+                runner_items(20)
+            ),
+            "clear_session": lambda: ref.clear_session(),
+        }
+        rows, per_method = [], {}
+        for name, call in methods:
+            await call()  # scripts cached
+            await s.add_items(runner_items(20))
+            warm = await _counts(endpoint, cmdstats, call)
+            await s.add_items(runner_items(20))
+            cold = await _counts(endpoint, cmdstats, call, cold=True)
+            await ref.add_items(runner_items(20))
+            await ref_methods[name]()  # its connection is open
+            await ref.add_items(runner_items(20))
+            tcp = await _counts(endpoint, cmdstats, ref_methods[name], tcp=_CountingConnection)
+            per_method[name] = {"warm": warm, "cold": cold, "redis_session": tcp}
+            rows.append(
+                [
+                    name,
+                    warm["requests"],
+                    warm["commands"],
+                    cold["requests"],
+                    "+".join(f"{k}" for k in cold["command_names"]) or "-",
+                    warm["redis_commands"],
+                    tcp["round_trips"],
+                    tcp["redis_commands"],
+                ]
+            )
+        print_table(
+            "Upstash requests per UpstashSession method (counted at the endpoint)",
+            [
+                "method",
+                "requests (warm)",
+                "commands (warm)",
+                "requests (cold)",
+                "cold commands",
+                "Redis cmds run by the script",
+                "RedisSession TCP round trips",
+                "RedisSession Redis cmds",
+            ],
+            rows,
+        )
+        report.data["per_method"] = per_method
+        worst = max(m["warm"]["requests"] for m in per_method.values())
+        report.goal("Upstash requests per method, warm (worst method)", worst, 1)
+
+        # ---------------------------------------------------------------- 2
+        s20 = UpstashSession("bench-20", redis=client)
+        await s20.clear_session()
+        await s20.add_items(runner_items(20))
+        key20 = s20.keys.items
+
+        async def lrange_decode() -> list[Any]:
+            return [json.loads(x) for x in await client.lrange(key20, -20, -1)]
+
+        get = await interleave(
+            {
+                "UpstashSession.get_items(limit=20)": lambda: s20.get_items(limit=20),
+                "raw LRANGE key -20 -1": lambda: client.lrange(key20, -20, -1),
+                "raw LRANGE + json.loads (info)": lrange_decode,
+            },
+            rounds=rounds,
+            warmup=warmup,
+        )
+        s_add = UpstashSession("bench-add", redis=client)
+        await s_add.clear_session()
+        add_key = "bench:raw-rpush"
+        await client.delete(add_key)
+        add = await interleave(
+            {
+                "UpstashSession.add_items (2 items)": lambda: s_add.add_items(batch),
+                "raw RPUSH key v1 v2": lambda: client.rpush(add_key, *batch_raw),
+            },
+            rounds=rounds,
+            warmup=warmup,
+        )
+        rows = []
+        for samples in (get, add):
+            base = list(samples.values())[1]
+            for name, values in samples.items():
+                sm = summarize(values)
+                rows.append([name, sm.median, sm.p90, ratio(values, base)])
+        print_table(
+            f"Latency through the endpoint, same client ({rounds} interleaved rounds; ms)",
+            ["call", "median ms", "p90 ms", "ratio to raw (medians)"],
+            rows,
+        )
+        get_ratio = ratio(get["UpstashSession.get_items(limit=20)"], get["raw LRANGE key -20 -1"])
+        add_ratio = ratio(add["UpstashSession.add_items (2 items)"], add["raw RPUSH key v1 v2"])
+        report.data["latency_raw"] = {
+            name: summarize(v).__dict__ for name, v in (get | add).items()
+        }
+        report.goal("get_items(limit=20) / raw LRANGE", get_ratio, 1.2)
+        report.goal("add_items(2 items) / raw RPUSH", add_ratio, 1.2)
+
+        # ---------------------------------------------------------------- 3
+        s_big = UpstashSession("bench-big", redis=client)
+        await _fill(raw_tcp, s_big.keys.items, big)
+        stored = await raw_tcp.llen(s_big.keys.items)
+        scale = await interleave(
+            {
+                "get_items(limit=20), 20 stored": lambda: s20.get_items(limit=20),
+                f"get_items(limit=20), {stored:,} stored": lambda: s_big.get_items(limit=20),
+            },
+            rounds=rounds,
+            warmup=warmup,
+        )
+        base = next(iter(scale.values()))
+        rows = [
+            [name, summarize(v).median, summarize(v).p90, ratio(v, base)]
+            for name, v in scale.items()
+        ]
+        print_table(
+            "get_items(limit=20) against history length (ms)",
+            ["call", "median ms", "p90 ms", "ratio to 20 stored"],
+            rows,
+        )
+        report.data["scale"] = {name: summarize(v).__dict__ for name, v in scale.items()}
+        small, large = scale.values()
+        report.goal(f"get_items(limit=20): {stored:,} stored / 20 stored", ratio(large, small), 1.3)
+        await raw_tcp.delete(s_big.keys.items)
+
+        # ---------------------------------------------------------------- 4
+        ref20 = RedisSession("bench-20", redis_client=ref_client)
+        await ref20.clear_session()
+        await ref20.add_items(runner_items(20))
+        ref_add = RedisSession("bench-add", redis_client=ref_client)
+        await ref_add.clear_session()
+        vs_get = await interleave(
+            {
+                "UpstashSession.get_items(limit=20) (HTTP)": lambda: s20.get_items(limit=20),
+                "RedisSession.get_items(limit=20) (TCP)": lambda: ref20.get_items(limit=20),
+            },
+            rounds=rounds,
+            warmup=warmup,
+        )
+        vs_add = await interleave(
+            {
+                "UpstashSession.add_items (2 items) (HTTP)": lambda: s_add.add_items(batch),
+                "RedisSession.add_items (2 items) (TCP)": lambda: ref_add.add_items(batch),
+            },
+            rounds=rounds,
+            warmup=warmup,
+        )
+        rows = []
+        for samples, method in ((vs_get, "get_items(limit=20)"), (vs_add, "add_items (2 items)")):
+            up, tcp = samples.values()
+            counts = per_method[method]
+            rows.append(
+                [
+                    method,
+                    summarize(up).median,
+                    summarize(tcp).median,
+                    ratio(up, tcp),
+                    counts["warm"]["requests"],
+                    counts["redis_session"]["round_trips"],
+                    counts["redis_session"]["redis_commands"],
+                ]
+            )
+        print_table(
+            "Reference: the SDK's RedisSession over TCP on the same Redis (local loopback; ms)",
+            [
+                "method",
+                "UpstashSession median ms",
+                "RedisSession median ms",
+                "Upstash / RedisSession",
+                "Upstash HTTP requests",
+                "RedisSession TCP round trips",
+                "RedisSession Redis cmds",
+            ],
+            rows,
+        )
+        report.data["reference"] = {
+            name: summarize(v).__dict__ for name, v in (vs_get | vs_add).items()
+        }
+        for sess in (s, s20, s_add):
+            await sess.clear_session()
+        for r in (ref, ref20, ref_add):
+            await r.clear_session()
+        await client.delete(add_key)
+    finally:
+        await client.close()
+        await raw_tcp.aclose()
+        await ref_client.aclose()
+        await pool.aclose()
+    return report
+
+
+def run(endpoint: Endpoint, *, quick: bool) -> Report:
+    """Run the store benchmark; prints its tables and goals."""
+    print("\n## Store benchmark (UpstashSession)\n")
+    cmdstats = CommandStats(endpoint.redis_url)
+    try:
+        return asyncio.run(_run(endpoint, cmdstats, quick))
+    finally:
+        cmdstats.close()
