@@ -25,14 +25,40 @@ os.environ.setdefault("POWERTOOLS_METRICS_DISABLED", "true")
 
 import argparse  # noqa: E402
 import datetime  # noqa: E402
+import io  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
-from typing import Any  # noqa: E402
+from typing import Any, TextIO  # noqa: E402
 
 from bench._measure import Report  # noqa: E402
 from bench._stack import private_redis, upstash_endpoint  # noqa: E402
+
+
+class _DropEmf(io.TextIOBase):
+    """stdout without Powertools' EMF metric lines (it prints them when 100 pile up)."""
+
+    def __init__(self, out: TextIO) -> None:
+        self._out = out
+        self._pending = ""
+
+    def write(self, text: str) -> int:
+        self._pending += text
+        while "\n" in self._pending:
+            line, self._pending = self._pending.split("\n", 1)
+            if not line.startswith('{"_aws":'):
+                self._out.write(line + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        self._out.flush()
+
+    def close(self) -> None:
+        if self._pending:
+            self._out.write(self._pending)
+            self._pending = ""
+        self._out.flush()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -52,6 +78,16 @@ def _machine() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    stdout, filtered = sys.stdout, _DropEmf(sys.stdout)
+    sys.stdout = filtered
+    try:
+        return _main(args)
+    finally:
+        filtered.close()
+        sys.stdout = stdout
+
+
+def _main(args: argparse.Namespace) -> int:
     from bench import rooms, store
 
     started = time.monotonic()
@@ -68,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
                 reports.append(module.run(endpoint, quick=args.quick))
             except Exception:
                 crashed = True
-                print(f"\n!! the {name} benchmark crashed:", file=sys.stderr)
+                print(f"\n!! the {name} benchmark crashed (traceback on stderr)")
+                sys.stdout.flush()
                 traceback.print_exc()
 
     print("\n## Goals\n")

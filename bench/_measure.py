@@ -108,7 +108,8 @@ class Goal:
 
     def line(self) -> str:
         verdict = "PASS" if self.passed else "FAIL"
-        return f"{verdict}  {self.name}: {self.value:.3g}{self.unit} (goal <= {self.limit:g}{self.unit})"
+        value, limit = f"{self.value:.3g}{self.unit}", f"{self.limit:g}{self.unit}"
+        return f"{verdict}  {self.name}: {value} (goal <= {limit})"
 
 
 @dataclass

@@ -139,35 +139,37 @@ def upstash_endpoint(redis_url: str) -> Iterator[Endpoint]:
     args = [sys.executable, "-m", "rejoin_local.upstash_rest", "--host", "127.0.0.1"]
     args += ["--port", "0", "--redis-url", redis_url, "--token", token]
     # Output goes to a file, not a pipe: a pipe nobody reads could fill and stall it.
-    log = tempfile.NamedTemporaryFile(prefix="rejoin-bench-upstash-", suffix=".log", delete=False)
-    proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT)
-    http = httpx.Client(headers={"Authorization": f"Bearer {token}"}, timeout=10.0)
-    try:
-        url = None
-        deadline = time.monotonic() + 30
-        while url is None and time.monotonic() < deadline and proc.poll() is None:
-            match = _URL_LINE.search(Path(log.name).read_bytes())
-            if match:
-                url = match.group(1).decode()
-            else:
-                time.sleep(0.02)
-        if url is None:
-            output = Path(log.name).read_text(errors="replace")
-            raise StackError(f"the Upstash endpoint did not start:\n{output}")
-        while time.monotonic() < deadline:
-            with contextlib.suppress(httpx.HTTPError):
-                if http.get(url + "/").status_code == 200:
-                    break
-            time.sleep(0.02)
+    with (
+        tempfile.TemporaryDirectory(prefix="rejoin-bench-upstash-") as workdir,
+        open(os.path.join(workdir, "endpoint.log"), "wb") as log,
+        httpx.Client(headers={"Authorization": f"Bearer {token}"}, timeout=10.0) as http,
+    ):
+        proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            url = _wait_for_url(Path(log.name), proc, http)
+            yield Endpoint(url=url, token=token, redis_url=redis_url, _http=http)
+        finally:
+            _stop(proc)
+
+
+def _wait_for_url(log: Path, proc: subprocess.Popen[bytes], http: httpx.Client) -> str:
+    deadline = time.monotonic() + 30
+    url = None
+    while url is None and time.monotonic() < deadline and proc.poll() is None:
+        match = _URL_LINE.search(log.read_bytes())
+        if match:
+            url = match.group(1).decode()
         else:
-            raise StackError("the Upstash endpoint did not answer")
-        yield Endpoint(url=url, token=token, redis_url=redis_url, _http=http)
-    finally:
-        http.close()
-        _stop(proc)
-        log.close()
-        with contextlib.suppress(OSError):
-            os.unlink(log.name)
+            time.sleep(0.02)
+    if url is None:
+        output = log.read_text(errors="replace")
+        raise StackError(f"the Upstash endpoint did not start:\n{output}")
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.HTTPError):
+            if http.get(url + "/").status_code == 200:
+                return url
+        time.sleep(0.02)
+    raise StackError("the Upstash endpoint did not answer")
 
 
 class CommandStats:
@@ -189,6 +191,14 @@ class CommandStats:
             if name != "info":
                 out[name] = int(value["calls"])
         return out
+
+    def usec(self) -> dict[str, tuple[int, int]]:
+        """(calls, total microseconds) per command name, as Redis times them."""
+        info = self._client.info("commandstats")
+        return {
+            key.removeprefix("cmdstat_"): (int(value["calls"]), int(value["usec"]))
+            for key, value in info.items()
+        }
 
     @staticmethod
     def delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:

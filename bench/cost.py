@@ -143,9 +143,7 @@ def run(endpoint: Endpoint, meter: Any, report: Report, *, quick: bool) -> None:
     inbound_units = _units(inbound)
     apigw_messages = posts_units + inbound_units
     conn_minutes = len(PARTICIPANTS) * MEETING_MINUTES
-    gb_s = sum(
-        invocations[k] * ASSUMED_SECONDS[k] * MEMORY_GB[k] for k in ASSUMED_SECONDS
-    )
+    gb_s = sum(invocations[k] * ASSUMED_SECONDS[k] * MEMORY_GB[k] for k in ASSUMED_SECONDS)
     rows_ops = []
     for kind in ("connect", "resume", "say", "turn", "ping", "disconnect", "cleanup"):
         c = per_kind.get(kind, Counts())

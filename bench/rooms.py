@@ -21,9 +21,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
+
+from rejoin.sender import InMemorySender
 
 from ._measure import Report, interleave, print_table, ratio, summarize
 from ._stack import CommandStats, Endpoint
@@ -36,26 +39,16 @@ FANOUT = 100
 POST_LATENCY = 0.02
 
 
-def _sender_class() -> type[Any]:
-    from rejoin.sender import InMemorySender
+class MeteredSender(InMemorySender):
+    """An ``InMemorySender`` that also records the size of every post."""
 
-    class _MeteredSender(InMemorySender):  # type: ignore[misc]
-        """An InMemorySender that also records the size of every post."""
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.sizes: list[int] = []
 
-        def __init__(self, **kwargs: Any) -> None:
-            super().__init__(**kwargs)
-            self.sizes: list[int] = []
-
-        async def post(self, connection_id: str, data: bytes) -> None:
-            self.sizes.append(len(data))
-            await super().post(connection_id, data)
-
-    return _MeteredSender
-
-
-def MeteredSender(**kwargs: Any) -> Any:  # noqa: N802 - a class factory, used like a class
-    """An ``InMemorySender`` recording each post's size in ``.sizes``."""
-    return _sender_class()(**kwargs)
+    async def post(self, connection_id: str, data: bytes) -> None:
+        self.sizes.append(len(data))
+        await super().post(connection_id, data)
 
 
 _prefixes = iter(range(1, 1_000_000))
@@ -198,7 +191,7 @@ def _ops_scenario(
     step("turn with one tool call", stack.run_turns)
     step("ping", lambda: stack.send(ada, {"action": "ping"}))
     stack.say(ada, "did you see that?", "m-dup")
-    step("say again, same id (a client retry)", lambda: stack.say(ada, "did you see that?", "m-dup"))
+    step("say again, same id (a retry)", lambda: stack.say(ada, "did you see that?", "m-dup"))
     stack.run_turns()
     last_seq = max(f["seq"] for f in stack.logged(bob))
     step("disconnect (others remain)", lambda: stack.drop(bob))
@@ -216,8 +209,10 @@ def _ops_scenario(
 def _rate_limited_say(endpoint: Endpoint, meter: Meter) -> Counts:
     stack = build_stack(endpoint, None, rate_limit=20, rate_window_seconds=10)
     cid, _ = stack.join("rl", "ada")
+    other, _ = stack.join("rl", "bob")
     stack.say(cid, "warm-up")  # the limiter's script is cached from here on
     _, counts = meter.measure(stack, lambda: stack.say(cid, "limited"))
+    stack.drop(other)
     stack.drop(cid)
     return counts
 
@@ -235,7 +230,7 @@ def _streaming_turn(endpoint: Endpoint, meter: Meter) -> Counts:
     )
     stack = build_stack(endpoint, agent)
     ada, _ = stack.join("stream", "ada")
-    bob, _ = stack.join("stream", "bob")
+    stack.join("stream", "bob")
     stack.say(ada, "warm-up")
     stack.run_turns()
     stack.say(ada, "tell me something")
@@ -250,7 +245,7 @@ def _cleanup(endpoint: Endpoint, meter: Meter, n: int) -> dict[str, Any]:
     stack.drop(cid)
     stack.clock.advance(stack.settings.grace_seconds + 3)
     stack.cleanup()
-    idle_report, idle = meter.measure(stack, stack.cleanup)
+    _, idle = meter.measure(stack, stack.cleanup)
     for i in range(n):
         cid, _ = stack.join(f"expire-{i}", f"user{i}")
         stack.say(cid, "bye")
@@ -357,13 +352,11 @@ class _SlowManagementApi:
     """Stands in for boto3's apigatewaymanagementapi client: each call blocks 20 ms."""
 
     def post_to_connection(self, **kwargs: Any) -> None:
-        import time
-
         time.sleep(POST_LATENCY)
 
 
 async def _broadcast(report: Report, quick: bool) -> None:
-    from rejoin.sender import ApiGatewaySender, InMemorySender, broadcast
+    from rejoin.sender import ApiGatewaySender, broadcast
 
     sender = InMemorySender(latency=POST_LATENCY)
     ids = [f"conn-{i:03d}=" for i in range(FANOUT)]
@@ -411,21 +404,25 @@ async def _broadcast(report: Report, quick: bool) -> None:
 
 def run(endpoint: Endpoint, *, quick: bool) -> Report:
     """Run the rooms benchmark; prints its tables and goals."""
+    from rejoin.runtime import set_runtime
+
     from . import cost
     from .imports import run_imports
-
-    from rejoin.runtime import set_runtime
 
     print("\n## Rooms benchmark (handlers, broadcast, imports)\n")
     report = Report("rooms")
     cmdstats = CommandStats(endpoint.redis_url)
     try:
-        _ops(endpoint, cmdstats, report, quick)
-        asyncio.run(_broadcast(report, quick))
-        run_imports(report, quick=quick)
-        cost.run(endpoint, Meter(endpoint, cmdstats), report, quick=quick)
+        for part in (
+            lambda: _ops(endpoint, cmdstats, report, quick),
+            lambda: asyncio.run(_broadcast(report, quick)),
+            lambda: run_imports(report, quick=quick),
+            lambda: cost.run(endpoint, Meter(endpoint, cmdstats), report, quick=quick),
+        ):
+            started = time.monotonic()
+            part()
+            print(f"({time.monotonic() - started:.1f} s)")
     finally:
         set_runtime(None)
         cmdstats.close()
     return report
-

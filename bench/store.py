@@ -129,6 +129,18 @@ async def _counts(
     }
 
 
+async def _server_usec(
+    cmdstats: CommandStats, call: Callable[[], Awaitable[Any]], command: str, n: int
+) -> float:
+    """Microseconds Redis itself spends per ``command`` (EVALSHA: the whole script)."""
+    before = cmdstats.usec().get(command, (0, 0))
+    for _ in range(n):
+        await call()
+    after = cmdstats.usec().get(command, (0, 0))
+    calls = after[0] - before[0]
+    return (after[1] - before[1]) / calls if calls else float("nan")
+
+
 async def _run(endpoint: Endpoint, cmdstats: CommandStats, quick: bool) -> Report:
     from agents.extensions.memory import RedisSession
 
@@ -166,9 +178,7 @@ async def _run(endpoint: Endpoint, cmdstats: CommandStats, quick: bool) -> Repor
             "get_items()": lambda: ref.get_items(),
             "get_items(limit=20)": lambda: ref.get_items(limit=20),
             "pop_item": lambda: ref.pop_item(),
-            "_atomic_replace_items (20 items)": lambda: ref._atomic_replace_items(
-                runner_items(20)
-            ),
+            "_atomic_replace_items (20 items)": lambda: ref._atomic_replace_items(runner_items(20)),
             "clear_session": lambda: ref.clear_session(),
         }
         rows, per_method = [], {}
@@ -243,17 +253,49 @@ async def _run(endpoint: Endpoint, cmdstats: CommandStats, quick: bool) -> Repor
             rounds=rounds,
             warmup=warmup,
         )
+        # Inside Redis only (no HTTP): what the script costs against the bare command.
+        n_server = rounds // 4
+        server = {
+            "UpstashSession.get_items(limit=20)": await _server_usec(
+                cmdstats, lambda: s20.get_items(limit=20), "evalsha", n_server
+            ),
+            "raw LRANGE key -20 -1": await _server_usec(
+                cmdstats, lambda: client.lrange(key20, -20, -1), "lrange", n_server
+            ),
+            "UpstashSession.add_items (2 items)": await _server_usec(
+                cmdstats, lambda: s_add.add_items(batch), "evalsha", n_server
+            ),
+            "raw RPUSH key v1 v2": await _server_usec(
+                cmdstats, lambda: client.rpush(add_key, *batch_raw), "rpush", n_server
+            ),
+        }
         rows = []
         for samples in (get, add):
             base = list(samples.values())[1]
             for name, values in samples.items():
                 sm = summarize(values)
-                rows.append([name, sm.median, sm.p90, ratio(values, base)])
+                inside = server.get(name)
+                rows.append(
+                    [
+                        name,
+                        sm.median,
+                        sm.p90,
+                        ratio(values, base),
+                        "-" if inside is None else inside,
+                    ]
+                )
         print_table(
             f"Latency through the endpoint, same client ({rounds} interleaved rounds; ms)",
-            ["call", "median ms", "p90 ms", "ratio to raw (medians)"],
+            [
+                "call",
+                "median ms",
+                "p90 ms",
+                "ratio to raw (medians)",
+                "time inside Redis, us/call",
+            ],
             rows,
         )
+        report.data["server_usec"] = server
         get_ratio = ratio(get["UpstashSession.get_items(limit=20)"], get["raw LRANGE key -20 -1"])
         add_ratio = ratio(add["UpstashSession.add_items (2 items)"], add["raw RPUSH key v1 v2"])
         report.data["latency_raw"] = {
@@ -261,6 +303,67 @@ async def _run(endpoint: Endpoint, cmdstats: CommandStats, quick: bool) -> Repor
         }
         report.goal("get_items(limit=20) / raw LRANGE", get_ratio, 1.2)
         report.goal("add_items(2 items) / raw RPUSH", add_ratio, 1.2)
+
+        # --------------------------------------------------------------- 2b
+        # The same comparison with bigger items (long answers, tool outputs):
+        # the script checks every returned item with cjson inside Redis.
+        rows = []
+        sizes = (2_000, 10_000) if quick else (2_000, 10_000, 50_000)
+        by_size = {}
+        for size in sizes:
+            sized = UpstashSession(f"bench-size-{size}", redis=client)
+            await sized.clear_session()
+            await sized.add_items([{"role": "assistant", "content": "x" * size}] * 20)
+            key = sized.keys.items
+            n = max(5, rounds // 10 if size < 50_000 else rounds // 20)
+            samples = await interleave(
+                {
+                    "get": lambda sized=sized: sized.get_items(limit=20),
+                    "raw": lambda key=key: client.lrange(key, -20, -1),
+                },
+                rounds=n,
+                warmup=max(2, warmup // 10),
+            )
+            inside_get = await _server_usec(
+                cmdstats, lambda sized=sized: sized.get_items(limit=20), "evalsha", max(5, n // 4)
+            )
+            inside_raw = await _server_usec(
+                cmdstats, lambda key=key: client.lrange(key, -20, -1), "lrange", max(5, n // 4)
+            )
+            r = ratio(samples["get"], samples["raw"])
+            by_size[size] = {
+                "ratio": r,
+                "inside_script_us": inside_get,
+                "inside_lrange_us": inside_raw,
+            }
+            rows.append(
+                [
+                    f"{size:,} B",
+                    n,
+                    summarize(samples["get"]).median,
+                    summarize(samples["raw"]).median,
+                    r,
+                    inside_get,
+                    inside_raw,
+                    "over 1.2" if r > 1.2 else "ok",
+                ]
+            )
+            await sized.clear_session()
+        print_table(
+            "get_items(limit=20) / raw LRANGE by item size (20 items stored; info, no goal)",
+            [
+                "item size",
+                "rounds",
+                "get_items median ms",
+                "LRANGE median ms",
+                "ratio",
+                "script inside Redis, us",
+                "LRANGE inside Redis, us",
+                "vs 1.2",
+            ],
+            rows,
+        )
+        report.data["by_item_size"] = by_size
 
         # ---------------------------------------------------------------- 3
         s_big = UpstashSession("bench-big", redis=client)

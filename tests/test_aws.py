@@ -9,9 +9,9 @@ from typing import Any
 
 import boto3
 import pytest
+from harness import make_stack, offline_agent
 from moto import mock_aws
 
-from harness import make_stack, offline_agent
 from rejoin.config import Settings
 from rejoin.errors import ConfigError
 from rejoin.queue import SqsTurnQueue, TurnInput, TurnRequest, dedup_id

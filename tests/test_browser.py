@@ -14,6 +14,7 @@ On failure, screenshots of every open page are saved under
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import subprocess
@@ -156,12 +157,20 @@ class Pages:
         page.goto(url)
         return page
 
-    def screenshot_all(self, prefix: str) -> None:
+    def save_artifacts(self, prefix: str) -> None:
+        """Screenshots, page state and the frames each page saw, under test-artifacts/."""
         ARTIFACTS.mkdir(exist_ok=True)
         for label, page in self.pages.items():
             # A page that crashed cannot be captured: keep the others.
             with contextlib.suppress(Exception):
                 page.screenshot(path=str(ARTIFACTS / f"{prefix}-{label}.png"), full_page=True)
+            with contextlib.suppress(Exception):
+                debug = page.evaluate(
+                    "() => ({state: window.rejoinDebug.state, frames: window.rejoinDebug.frames})"
+                )
+                (ARTIFACTS / f"{prefix}-{label}.json").write_text(json.dumps(debug, indent=1))
+        if self.errors:
+            (ARTIFACTS / f"{prefix}-console-errors.txt").write_text("\n".join(self.errors))
 
 
 @pytest.fixture
@@ -171,7 +180,7 @@ def pages(browser: Any, request: pytest.FixtureRequest) -> Iterator[Pages]:
         yield opened
     finally:
         if _failed(request):
-            opened.screenshot_all(request.node.name)
+            opened.save_artifacts(request.node.name)
         for context in opened.contexts:
             context.close()
 
@@ -342,7 +351,7 @@ def test_two_people_chat_drop_resume_and_session_end(stack: Any, pages: Pages) -
         page.locator("#leave").click()
         wait_status(page, "left")
     old_epoch = after["epoch"]
-    time.sleep(GRACE_SECONDS + 1.0)
+    time.sleep(GRACE_SECONDS + 1.5)
     bob.locator("#rejoin").click()
     wait_status(bob, "connected")
     fresh = state(bob)

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import logging
 import re
 import threading
 import time
@@ -182,9 +183,18 @@ async def test_refusal_status_propagates(
 ) -> None:
     gateway, running = server
     stubs.connect_answer = lambda e: {"statusCode": status, "body": "no"}
-    with pytest.raises(InvalidStatus) as caught:
-        await _open(running)
+    server_errors: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: server_errors.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("uvicorn.error").addHandler(handler)
+    try:
+        with pytest.raises(InvalidStatus) as caught:
+            await _open(running)
+        await asyncio.sleep(0.1)
+    finally:
+        logging.getLogger("uvicorn.error").removeHandler(handler)
     assert caught.value.response.status_code == status
+    assert [m for m in server_errors if "handshake" in m] == []
     assert stubs.opened == [] and gateway.connections == {}
     await asyncio.sleep(0.1)
     assert stubs.of("$disconnect") == []  # a refused connection never disconnects

@@ -220,7 +220,7 @@ class TestLogs:
             handler({}, Context())
         (line,) = logs.take()
         assert line["message"] == "handler failed" and line["level"] == "ERROR"
-        assert line["error"] == "ValueError"
+        assert line["error"] == "ValueError" and "test_observability.py:" in line["where"]
         assert (line["session_id"], line["connection_id"], line["user_id"]) == ("s-1", "c-1", "u-1")
         assert line["function_request_id"] == "req-1" and "cold_start" in line
         assert TEXT not in json.dumps(line)
@@ -271,7 +271,7 @@ class TestMetrics:
             ada, welcome = stack.join(session, "ada")
             assert step() == {"Connects": 1}  # a fresh session: not a resume
             bob, _ = stack.join(session, "bob")
-            assert step() == {"Connects": 1, "Resumes": 1}
+            assert step() == {"Connects": 1, "Joins": 1}  # joined a live session
 
             stack.say(ada, TEXT)
             assert step() == {"Messages": 1}
@@ -295,7 +295,7 @@ class TestMetrics:
             stack.clock.advance(60)
             ada2, back = stack.join(session, "ada", epoch=welcome["epoch"], last_seq=seen)
             assert back["recovered"] is True
-            assert step() == {"Connects": 1, "Resumes": 1, "RecoveredReplays": 1}
+            assert step() == {"Connects": 1, "Joins": 1, "Resumes": 1, "RecoveredReplays": 1}
 
             # everyone leaves; past the grace the cleanup deletes the session
             stack.drop(ada2)
@@ -402,7 +402,9 @@ def weather_agent() -> agents.Agent[Any]:
 
 def run_agent(text: str = TEXT, group_id: str = "sess-1") -> Any:
     config = agents.RunConfig(
-        workflow_name="rejoin turn", group_id=group_id, trace_metadata={"turn": "t-1", "epoch": "e1"}
+        workflow_name="rejoin turn",
+        group_id=group_id,
+        trace_metadata={"turn": "t-1", "epoch": "e1"},
     )
     return asyncio.run(agents.Runner.run(weather_agent(), text, run_config=config))
 
@@ -416,6 +418,7 @@ def otel(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     """OTLP tracing on, to an in-memory exporter; everything restored afterwards."""
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+    import rejoin.turns  # noqa: F401 (its import applies REJOIN_TRACING: do that first)
     from rejoin.tracing import disable_otlp_tracing, enable_otlp_tracing
 
     monkeypatch.delenv("REJOIN_TRACE_CONTENT", raising=False)
@@ -677,9 +680,7 @@ class TestTracingSetup:
             env = {"OTEL_EXPORTER_OTLP_HEADERS": "x-b=2"}  # the secret wins
             for name in (as_json, as_env):
                 got = _export_headers(None, {**env, "REJOIN_OTLP_HEADERS_SECRET_NAME": name})
-                assert {k.lower(): v for k, v in got.items()} == {
-                    "authorization": "Basic cGs6c2s="
-                }
+                assert {k.lower(): v for k, v in got.items()} == {"authorization": "Basic cGs6c2s="}
             with pytest.raises(ConfigError, match="cannot read secret"):
                 _export_headers(None, {"REJOIN_OTLP_HEADERS_SECRET_NAME": "missing-secret"})
 

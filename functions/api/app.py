@@ -8,10 +8,14 @@ events (Lambda has no shutdown hook to run them).
 from __future__ import annotations
 
 from mangum import Mangum
+from mangum.adapter import DEFAULT_TEXT_MIME_TYPES
 
-from rejoin.api import create_app
+from rejoin.api import PROBLEM_JSON, create_app
 from rejoin.observability import lambda_handler
 
 app = create_app()
-# lambda_handler: fresh log keys and the request id per invocation, metrics flushed.
-handler = lambda_handler(Mangum(app, lifespan="off"))
+# lambda_handler: fresh log ids per invocation, metrics flushed after it. Problem
+# bodies are text too (Mangum would otherwise base64-encode them).
+handler = lambda_handler(
+    Mangum(app, lifespan="off", text_mime_types=[*DEFAULT_TEXT_MIME_TYPES, PROBLEM_JSON])
+)

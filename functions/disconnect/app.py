@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import ValidationError
+
 from rejoin.events import DisconnectEvent
 from rejoin.observability import lambda_handler
 from rejoin.routes import on_disconnect
@@ -12,7 +14,10 @@ from rejoin.runtime import get_runtime
 
 @lambda_handler
 def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
-    parsed = DisconnectEvent.model_validate(event)
+    try:
+        parsed = DisconnectEvent.model_validate(event)
+    except ValidationError:
+        return {"statusCode": 400, "body": "malformed $disconnect event"}
     rt = get_runtime()
     answer = rt.run(
         on_disconnect(

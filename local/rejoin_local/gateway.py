@@ -647,7 +647,12 @@ class Gateway:
         if running is self._loop:
             await self._send(conn, data)
             return
-        future = asyncio.run_coroutine_threadsafe(self._send(conn, data), self._loop)
+        coro = self._send(conn, data)
+        try:
+            future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        except RuntimeError:  # the gateway's loop is closed: the server stopped
+            coro.close()
+            raise ConnectionGone(f"connection {connection_id} is gone") from None
         await asyncio.wrap_future(future)
 
     def _submit(self, coro: Any) -> Any:
@@ -802,6 +807,15 @@ def limited_ws_protocol(frame_limit: int, message_limit: int) -> type[asyncio.Pr
         def handle_cont(self, event: Any) -> None:
             if not self._over(event, False):
                 super().handle_cont(event)
+
+        async def send(self, message: Any) -> None:
+            await super().send(message)
+            if message["type"] == "websocket.http.response.body" and not message.get(
+                "more_body", False
+            ):
+                # A refused handshake is complete once its response is written
+                # (uvicorn would otherwise log "returned without completing handshake").
+                self.handshake_complete = True
 
     return LimitedWebSocketProtocol
 

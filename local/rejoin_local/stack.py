@@ -175,7 +175,6 @@ class StackConfig:
     def from_env(cls, env: Mapping[str, str] | None = None) -> StackConfig:
         """Read the configuration from the environment (see the module doc)."""
         env = dict(os.environ if env is None else env)
-        grace = env.get("REJOIN_GRACE_SECONDS") or env.get("GRACE_SECONDS")
         return cls(
             host=env.get("REJOIN_HOST", "127.0.0.1"),
             port=_env_int(env, "REJOIN_PORT", 8080),
@@ -183,7 +182,7 @@ class StackConfig:
             redis_url=env.get("REDIS_URL") or None,
             upstash_token=env.get("REJOIN_LOCAL_UPSTASH_TOKEN") or DEFAULT_UPSTASH_TOKEN,
             signing_key=env.get("REJOIN_TOKEN_SECRET") or DEFAULT_SIGNING_KEY,
-            grace_seconds=int(grace) if grace else None,
+            grace_seconds=None,  # the handlers' settings read REJOIN_GRACE_SECONDS
             cleanup_interval=_env_float(env, "REJOIN_CLEANUP_INTERVAL_SECONDS", 60.0),
             idle_timeout=_env_float(env, "REJOIN_IDLE_TIMEOUT_SECONDS", 600.0),
             max_duration=_env_float(env, "REJOIN_MAX_CONNECTION_SECONDS", 7200.0),
@@ -538,18 +537,6 @@ class Stack:
     async def _index(self, request: Request) -> Response:
         return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
 
-    async def _local_info(self, request: Request) -> Response:
-        s = self.settings
-        assert s is not None
-        return JSONResponse(
-            {
-                "grace_seconds": s.grace_seconds,
-                "offline_model": not s.openai_api_key,
-                "model": s.model,
-                "cleanup_interval_seconds": self.config.cleanup_interval,
-            }
-        )
-
     def _api_app(self) -> Any:
         try:
             app = load_api_app()
@@ -597,12 +584,13 @@ class Stack:
             *gateway.routes(),
             Route("/", self._index, methods=["GET"]),
             Route("/join", self._index, methods=["GET"]),
-            Route("/local/info", self._local_info, methods=["GET"]),
+        ]
+        if self.config.local_tokens:
+            routes.append(Route("/local/token", self._local_token, methods=["POST"]))
+        routes += [
             Mount("/static", app=StaticFiles(directory=STATIC_DIR), name="static"),
             Mount("/api", app=self._api_app()),
         ]
-        if self.config.local_tokens:
-            routes.insert(3, Route("/local/token", self._local_token, methods=["POST"]))
         return Starlette(routes=routes, lifespan=lifespan)
 
     # -------------------------------------------------------------- wiring

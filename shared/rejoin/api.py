@@ -33,7 +33,7 @@ import hmac
 import math
 import secrets
 import threading
-import warnings
+import traceback
 from collections.abc import Awaitable, Callable, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -46,6 +46,7 @@ from fastapi import APIRouter, Depends, FastAPI, Path, Request, Response, Securi
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -61,7 +62,7 @@ from .errors import (
     TokenWrongSession,
 )
 from .frames import ended_frame
-from .observability import bind, count, logger, metrics
+from .observability import bind, count, logger, unbind
 from .rooms import RoomStore
 from .runtime import Runtime, get_runtime
 from .sender import ConnectionSender, broadcast
@@ -287,7 +288,10 @@ class TokenRequest(BaseModel):
         description="The participant's user id (the JWT's `sub`): 1-128 of `A-Za-z0-9_.@:-`."
     )
     name: Annotated[str, StringConstraints(min_length=1, max_length=80)] = Field(
-        description="The display name: 1-80 printable characters (surrounding spaces stripped)."
+        description="The display name: 1-80 printable characters, surrounding spaces "
+        "stripped (no control, format or unassigned characters).",
+        # JSON Schema cannot say "printable": a format names the rule for tools.
+        json_schema_extra={"format": "display-name"},
     )
     ttl_seconds: int = Field(
         default=3600,
@@ -1067,14 +1071,15 @@ def _on_api_problem(request: Request, exc: Exception) -> JSONResponse:
 
 def _on_validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    errors = [
-        FieldError(
+    errors: list[FieldError] = []
+    for e in exc.errors():
+        error = FieldError(
             field=".".join(str(part) for part in e.get("loc", ())),
             message=str(e.get("msg", "invalid")),
             type=str(e.get("type", "invalid")),
         )
-        for e in exc.errors()
-    ]
+        if error not in errors:  # a path parameter a dependency shares is checked twice
+            errors.append(error)
     session_fields = {"path.session_id", "body.session_id"}
     if errors and all(e.field in session_fields for e in errors):
         code = "invalid_session_id"
@@ -1123,9 +1128,22 @@ def _on_http_exception(request: Request, exc: Exception) -> JSONResponse:
     status = exc.status_code
     code = _HTTP_CODES.get(status, "invalid_request" if status < 500 else "internal")
     detail = exc.detail if isinstance(exc.detail, str) else HTTPStatus(status).phrase
+    headers = dict(exc.headers or {})
     if status == 404:
         detail = f"no route {request.url.path!r}"
-    return problem_response(status, code, detail, headers=dict(exc.headers or {}))
+    elif status == 405:
+        # Starlette names the methods of the first route of the path only.
+        headers["Allow"] = ", ".join(_allowed_methods(request))
+    return problem_response(status, code, detail, headers=headers)
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    path = request.url.path
+    methods: set[str] = set()
+    for route in router.routes:  # this module's routes, included without a prefix
+        if isinstance(route, APIRoute) and route.path_regex.match(path):
+            methods |= route.methods or set()
+    return sorted(methods)
 
 
 Scope = MutableMapping[str, Any]
@@ -1135,12 +1153,16 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
-class _RequestScope:
-    """Per request: fresh log keys, ``no-store`` caching, problems for crashes, metrics.
+# Innermost frames logged for an unexpected error (file, line, function; no values).
+_STACK_FRAMES = 8
 
-    An unexpected exception becomes a 500 ``internal`` problem (logged with its
-    stack trace, never shown), and is not re-raised: Mangum and uvicorn would
-    log it a second time.
+
+class _RequestScope:
+    """Per request: fresh log ids, ``no-store`` caching, a problem for a crash.
+
+    An unexpected exception becomes a 500 ``internal`` problem and is not
+    re-raised (Mangum and uvicorn would log it again). It is logged with its
+    type and stack frames, not its message: a message can quote its input.
     """
 
     def __init__(self, app: ASGIApp) -> None:
@@ -1150,13 +1172,10 @@ class _RequestScope:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        logger.clear_state()
-        request_id = getattr(scope.get("aws.context"), "aws_request_id", None)
-        if request_id:
-            logger.append_keys(function_request_id=request_id)
+        unbind()
         started = False
 
-        async def send_with_headers(message: Message) -> None:
+        async def send_no_store(message: Message) -> None:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
@@ -1167,19 +1186,25 @@ class _RequestScope:
             await send(message)
 
         try:
-            await self.app(scope, receive, send_with_headers)
-        except Exception:
-            logger.exception("unexpected error", extra={"path": scope.get("path")})
+            await self.app(scope, receive, send_no_store)
+        except Exception as exc:
+            logger.error(
+                "unexpected error",
+                extra={
+                    "error": type(exc).__name__,
+                    "path": scope.get("path"),
+                    "stack": [
+                        f"{frame.filename.rsplit('/', 1)[-1]}:{frame.lineno} in {frame.name}"
+                        for frame in traceback.extract_tb(exc.__traceback__)[-_STACK_FRAMES:]
+                    ],
+                },
+            )
             if started:
                 raise  # the answer is on its way: nothing else can be sent
             response = problem_response(
                 500, "internal", "an unexpected error occurred; it was logged"
             )
-            await response(scope, receive, send_with_headers)
-        finally:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # "no metrics to publish" is fine
-                metrics.flush_metrics()
+            await response(scope, receive, send_no_store)
 
 
 def _openapi(app: FastAPI) -> Callable[[], dict[str, Any]]:

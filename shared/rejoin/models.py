@@ -22,7 +22,6 @@ import asyncio
 import copy
 import itertools
 import json
-import logging
 import re
 import time
 import uuid
@@ -61,6 +60,8 @@ from openai.types.responses import (
 from openai.types.responses.response_reasoning_item import Summary
 from openai.types.responses.response_usage import InputTokensDetails, OutputTokensDetails
 
+from .observability import logger
+
 if TYPE_CHECKING:
     from agents.agent_output import AgentOutputSchemaBase
     from agents.handoffs import Handoff
@@ -85,7 +86,6 @@ __all__ = [
     "split_into_chunks",
 ]
 
-logger = logging.getLogger("rejoin")
 
 OFFLINE_LABEL = "[offline model]"
 CURRENT_TIME_TOOL_NAME = "current_time"

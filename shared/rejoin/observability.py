@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import traceback
 import warnings
 from collections.abc import Callable
 from contextvars import ContextVar
@@ -34,6 +35,7 @@ __all__ = [
     "bound",
     "count",
     "lambda_handler",
+    "log_failure",
     "logger",
     "metrics",
     "register_flush",
@@ -49,14 +51,17 @@ SERVICE = os.environ.get("POWERTOOLS_SERVICE_NAME") or "rejoin"
 METRICS: dict[str, str] = {
     "Connects": "a $connect accepted (token valid for the session)",
     "RefusedConnects": "a $connect refused: missing, expired, forged or wrong-session token",
-    "Resumes": "an accepted $connect that joined an existing session (same epoch, "
-    "history kept): a second participant, another tab, or a return within the grace period",
+    "Joins": "an accepted $connect into an existing session (same epoch, history kept): "
+    "a second participant, another tab, or a return",
+    "Resumes": "an accepted $connect that brought a session back from its grace period",
     "RecoveredReplays": "a resume frame answered with exactly the events the client missed",
     "Messages": "a say frame accepted (stored, broadcast, and queued for a turn)",
     "RateLimitedFrames": "a say frame refused by the per-participant rate limit",
     "Turns": "an agent turn committed (reply stored and broadcast)",
     "TurnFailures": "an agent turn that failed and was rolled back (SQS retries it)",
     "TurnsDropped": "a turn discarded because its session was gone (expired or replaced)",
+    "TurnsBusy": "a turn delivered while another turn of its session held the lease "
+    "(SQS redelivers it later)",
     "GoneConnections": "a connection found dead (410 on post, or a lost $disconnect "
     "detected by the cleanup) and treated as disconnected",
     "Expirations": "a session deleted by the cleanup after its grace period",
@@ -81,12 +86,12 @@ metrics = Metrics(
 # (the local gateway runs handlers on several threads at once; an ASGI server
 # runs each request in its own task) each get their own dict once they call
 # unbind(), so one invocation's ids never label another's lines.
-_bound: ContextVar[dict[str, str] | None] = ContextVar("rejoin_log_ids", default=None)
+_bound: ContextVar[dict[str, Any] | None] = ContextVar("rejoin_log_ids", default=None)
 _flush_hooks: list[Callable[[], None]] = []
 _cold_start = True
 
 
-def _ids() -> dict[str, str]:
+def _ids() -> dict[str, Any]:
     ids = _bound.get()
     if ids is None:
         ids = {}
@@ -125,7 +130,7 @@ def bind(
             ids[key] = value
 
 
-def bound() -> dict[str, str]:
+def bound() -> dict[str, Any]:
     """The ids bound in this invocation (a copy)."""
     return dict(_ids())
 
@@ -190,23 +195,36 @@ def lambda_handler(fn: Callable[[Any, Any], T]) -> Callable[[Any, Any], T]:
         cold_start, _cold_start = _cold_start, False
         request_id = getattr(context, "aws_request_id", None)
         if request_id:
-            logger.append_keys(
-                function_request_id=request_id,
-                function_name=getattr(context, "function_name", None),
-                cold_start=cold_start,
-            )
+            # With the ids, not in the logger's process-wide keys: per invocation.
+            invocation: dict[str, Any] = {
+                "function_request_id": request_id,
+                "function_name": getattr(context, "function_name", None),
+                "cold_start": cold_start,
+            }
+            _ids().update({k: v for k, v in invocation.items() if v is not None})
         try:
             return fn(event, context)
         except Exception as exc:
-            # The type and where, not str(exc): an exception may quote its input.
-            logger.error(
-                "handler failed", extra={"error": type(exc).__name__}, exc_info=_level_debug()
-            )
+            log_failure("handler failed", exc)
             raise
         finally:
             _flush()
 
     return wrapper
+
+
+def log_failure(message: str, exc: BaseException, **extra: Any) -> None:
+    """Log a failure by its type and place, not ``str(exc)``, which may quote input."""
+    logger.error(
+        message,
+        extra={"error": type(exc).__name__, "where": _where(exc), **extra},
+        exc_info=_level_debug(),
+    )
+
+
+def _where(exc: BaseException) -> str | None:
+    frames = traceback.extract_tb(exc.__traceback__)
+    return f"{frames[-1].filename}:{frames[-1].lineno}" if frames else None
 
 
 def _level_debug() -> bool:

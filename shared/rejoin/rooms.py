@@ -143,7 +143,8 @@ if p.status ~= 'active' then
 end
 redis.call('HSET', users, user, cjson.encode(p))
 local epoch = redis.call('HGET', meta, 'epoch')
-return {epoch, (m[3] == '1') and 1 or 0, ev, ready_conns(conns, conn), previous}
+return {epoch, (m[3] == '1') and 1 or 0, ev, ready_conns(conns, conn), previous,
+  (not fresh and m[2]) and 1 or 0}
 """,
 )
 
@@ -378,6 +379,8 @@ class Joined:
         resumed: the session existed and had been joined before.
         event: the presence event logged (the participant became active).
         recipients: ready connections (other than this one) to broadcast to.
+        from_grace: this connection brought the session back from its grace
+            period (nobody was connected).
         stale_session: another session this connection id was still recorded
             in (its ``$disconnect`` was lost); the caller removes it there.
     """
@@ -387,6 +390,7 @@ class Joined:
     event: dict[str, Any] | None
     recipients: list[str]
     stale_session: str | None = None
+    from_grace: bool = False
 
 
 @dataclass(frozen=True)
@@ -533,7 +537,7 @@ class RoomStore:
     ) -> Joined:
         """Add a connection; create or resume the session as its lifecycle says."""
         keys = self.keys(session_id)
-        epoch, resumed, event, recipients, previous = await _CONNECT(
+        epoch, resumed, event, recipients, previous, from_grace = await _CONNECT(
             self.redis,
             (*keys.all, self.grace_key, self.activity_key, self._conn_key(connection_id)),
             (
@@ -555,6 +559,7 @@ class RoomStore:
             event=json.loads(event) if event else None,
             recipients=list(recipients or []),
             stale_session=prev_sid if prev_sid and prev_sid != session_id else None,
+            from_grace=bool(from_grace),
         )
 
     async def resume(

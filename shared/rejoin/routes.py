@@ -120,6 +120,8 @@ async def on_connect(
     try:
         session_id = validate_session_id(query.get("session"))
     except InvalidSessionId as exc:
+        logger.info("connect refused", extra={"reason": "InvalidSessionId"})
+        count("RefusedConnects")
         return Answer(400, str(exc))
     bind(session_id=session_id, connection_id=connection_id)
     try:
@@ -147,6 +149,8 @@ async def on_connect(
             )
     count("Connects")
     if joined.resumed:
+        count("Joins")
+    if joined.from_grace:
         count("Resumes")
     logger.info("connected", extra={"epoch": joined.epoch, "resumed": joined.resumed})
     await publish(rooms, rt.sender(request_context), session_id, joined.recipients, joined.event)

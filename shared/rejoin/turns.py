@@ -22,7 +22,7 @@ import agents
 from .errors import SessionGone, TurnBusy
 from .frames import agent_delta_frame, error_frame
 from .models import build_model, make_current_time_tool
-from .observability import bind, count, logger
+from .observability import bind, count, log_failure, logger, register_flush
 from .queue import TurnRequest
 from .routes import publish, rooms_for
 from .runtime import Runtime
@@ -48,7 +48,10 @@ def configure_tracing(mode: str | None = None) -> None:
         from .tracing import enable_otlp_tracing
 
         enable_otlp_tracing()
-    elif mode != "openai":
+    elif mode == "openai":
+        # The SDK batches spans; send them before Lambda freezes the container.
+        register_flush(agents.tracing.flush_traces)
+    else:
         agents.set_tracing_disabled(True)
 
 
@@ -101,6 +104,7 @@ async def run_turn(
     if start.state == "done":
         return "skipped"
     if start.state == "busy":
+        count("TurnsBusy")
         raise TurnBusy(f"session {turn.session_id} is running another turn")
     sender = rt.sender()
     session = UpstashSession(
@@ -128,7 +132,7 @@ async def run_turn(
             count("TurnsDropped")
             return "dropped"
         count("TurnFailures")
-        logger.exception("turn failed", extra={"turn": turn.turn_id})
+        log_failure("turn failed", exc, turn=turn.turn_id)
         told = await rooms.rollback_turn(turn.session_id, turn.epoch, attempt)
         if told:
             await broadcast(

@@ -44,6 +44,7 @@
     reconnectTimer: null,
     left: false,
     endedByServer: null,
+    lastEndReason: null,
     agent: null,
     mode: null,
     graceSeconds: null,
@@ -51,7 +52,13 @@
     welcomes: [],
     sessionsEnded: 0,
     deltaCounts: {}, // turn -> agent_delta frames received (for the test hook)
+    frameLog: [], // the last frames in and out, for debugging (rejoinDebug.frames)
   };
+
+  function logFrame(direction, frame) {
+    state.frameLog.push({ t: Date.now(), direction, frame });
+    if (state.frameLog.length > 300) state.frameLog.shift();
+  }
 
   // ------------------------------------------------------------------ joining
 
@@ -127,7 +134,8 @@
     }
     if (session) {
       const saved = recall(session);
-      if (saved && saved.token) {
+      const wanted = params.get("name");
+      if (saved && saved.token && (!wanted || wanted === saved.name)) {
         Object.assign(state, { session, token: saved.token, name: saved.name, user: saved.user,
           minted: !!saved.minted });
         startChat();
@@ -239,6 +247,7 @@
     if (!ws || ws.readyState !== WebSocket.OPEN) return false;
     ws.send(JSON.stringify(frame));
     state.lastSentAt = Date.now();
+    logFrame("out", frame);
     return true;
   }
 
@@ -304,6 +313,7 @@
 
   function handleFrame(frame) {
     if (!frame || typeof frame !== "object") return;
+    logFrame("in", frame);
     if (frame.type === "part") { onPart(frame); return; }
     if (frame.type === "welcome") { onWelcome(frame); return; }
     if (!state.welcomed && (LOGGED.has(frame.type) || frame.type === "agent_delta")) {
@@ -367,10 +377,13 @@
       state.finishedTurns.clear();
       state.lastSeq = 0;
       const grace = w.grace_seconds || state.graceSeconds;
-      showNotice("ended",
-        "Session ended: everyone was away for longer than the " +
-        (grace ? grace + "-second " : "") + "grace period, so the old conversation was " +
-        "deleted. You are now in a fresh session with an empty history.");
+      showNotice("ended", state.lastEndReason
+        ? "Session ended (" + state.lastEndReason + "). You are now in a fresh session " +
+          "with an empty history."
+        : "Session ended: everyone was away for longer than the " +
+          (grace ? grace + "-second " : "") + "grace period, so the old conversation was " +
+          "deleted. You are now in a fresh session with an empty history.");
+      state.lastEndReason = null;
     }
     state.epoch = w.epoch;
     state.graceSeconds = w.grace_seconds || state.graceSeconds;
@@ -450,6 +463,7 @@
 
   function onEnded(frame) {
     state.endedByServer = frame.reason || "ended";
+    state.lastEndReason = state.endedByServer;
     showNotice("ended", "Session ended by the server (" + state.endedByServer + ").");
     setStatus("ended");
     $("left-text").textContent = "This session was ended.";
@@ -755,6 +769,8 @@
       if (!state.ws && !state.left) scheduleReconnect(0);
     },
     get state() { return snapshot(); },
+    // The last 300 frames received and sent, oldest first.
+    get frames() { return state.frameLog.map((f) => ({ ...f })); },
   };
 
   boot();
