@@ -76,6 +76,24 @@ class TestSqsTurnQueue:
         s1 = [t for g, t in got if g == "s1"]
         assert s1 == ["m1", "m2"]
 
+    async def test_failed_deliveries_come_back_soon(self, aws):
+        # GIVEN a received turn (invisible for the queue's long timeout)
+        sqs, url = fifo_queue()
+        queue = SqsTurnQueue(url, client=sqs)
+        await queue.enqueue(turn("s1", "m1"))
+        got = sqs.receive_message(QueueUrl=url, VisibilityTimeout=1800)["Messages"]
+        assert sqs.receive_message(QueueUrl=url).get("Messages") is None
+        # WHEN the worker asks for a retry without delay
+        await queue.retry_later([(got[0]["ReceiptHandle"], 0)])
+        # THEN it can be received again at once
+        again = sqs.receive_message(QueueUrl=url)["Messages"]
+        assert json.loads(again[0]["Body"])["turn"] == "m1"
+
+    def test_retry_delay_backs_off(self):
+        from rejoin.turns import retry_delay
+
+        assert [retry_delay(n) for n in (1, 2, 3, 4, 10)] == [5, 10, 20, 40, 300]
+
     def test_refuses_a_standard_queue(self):
         with pytest.raises(ValueError, match="FIFO"):
             SqsTurnQueue("https://sqs.us-east-1.amazonaws.com/1/turns")

@@ -884,7 +884,9 @@ async def test_client_resumes_from_the_last_seq_after_a_drop(
         # The network drops (and the gateway loses the $disconnect); messages go on.
         (cid,) = list(gateway.connections)
         await asyncio.wrap_future(gateway.drop(cid, lose_disconnect=False))
-        room._publish(
+        # From a thread, as a handler would (posting runs its own event loop).
+        await asyncio.to_thread(
+            room._publish,
             {
                 "type": "message",
                 "id": "x-1",
@@ -892,7 +894,7 @@ async def test_client_resumes_from_the_last_seq_after_a_drop(
                 "name": "Bob",
                 "text": "while you were away",
                 "ts": 4,
-            }
+            },
         )
         await _until(lambda: len(room.resumes) >= 2)
         assert room.resumes[-1] == {"action": "resume", "epoch": "ep1", "last_seq": 2}

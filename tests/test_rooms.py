@@ -339,6 +339,8 @@ class TestTurns:
             result = stack.deliver(batch)
             assert len(result["batchItemFailures"]) == 1
             assert stack.last(ada, "error")["code"] == "turn_failed"
+            # and the queue was asked to redeliver it in seconds, not minutes
+            assert stack.queue.retries == [("rh-" + batch[0].turn_id, 5)]
             # THEN the history is back where it started: nothing of the turn
             assert raw_redis.llen("rejoin:{t1}:items") == 0
             # WHEN the queue redelivers it

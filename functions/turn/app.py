@@ -1,7 +1,9 @@
 """The turn worker: consumes the SQS FIFO turn queue and runs the agent.
 
 A failed record is reported in ``batchItemFailures``; the FIFO processor also
-returns the later records of the same session, so turns stay in order.
+returns the later records of the same session, so turns stay in order. Those
+are made visible again within seconds (not after the queue's long visibility
+timeout), with a backoff that grows with each receive.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 from rejoin.observability import lambda_handler
 from rejoin.queue import TurnRequest
 from rejoin.runtime import get_runtime
-from rejoin.turns import handle_turn
+from rejoin.turns import handle_turn, schedule_retries
 
 processor = SqsFifoPartialProcessor(skip_group_on_error=True)
 # Report every failed record instead of raising when all failed: SQS retries
@@ -32,6 +34,11 @@ def record_handler(record: SQSRecord) -> str:
 
 @lambda_handler
 def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
-    return process_partial_response(
+    result = process_partial_response(
         event=event, record_handler=record_handler, processor=processor, context=context
     )
+    failed = [f["itemIdentifier"] for f in result.get("batchItemFailures", [])]
+    if failed:
+        rt = get_runtime()
+        rt.run(schedule_retries(rt, event, failed))
+    return result

@@ -1138,7 +1138,8 @@ def _on_http_exception(request: Request, exc: Exception) -> JSONResponse:
 
 
 def _allowed_methods(request: Request) -> list[str]:
-    path = request.url.path
+    # The path within the app (the local stack mounts it at /api).
+    path = request.url.path.removeprefix(request.scope.get("root_path", ""))
     methods: set[str] = set()
     for route in router.routes:  # this module's routes, included without a prefix
         if isinstance(route, APIRoute) and route.path_regex.match(path):

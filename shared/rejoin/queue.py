@@ -121,6 +121,10 @@ class TurnQueue(Protocol):
         """Queue a turn; queueing the same (session, turn id) twice is a no-op."""
         ...
 
+    async def retry_later(self, deliveries: list[tuple[str, int]]) -> None:
+        """Make failed deliveries (receipt handle, delay in seconds) visible again soon."""
+        ...
+
 
 class SqsTurnQueue:
     """An SQS FIFO queue, one message group per session.
@@ -153,6 +157,24 @@ class SqsTurnQueue:
             MessageDeduplicationId=dedup_id(turn.session_id, turn.turn_id),
         )
 
+    async def retry_later(self, deliveries: list[tuple[str, int]]) -> None:
+        """Shorten the visibility timeout of failed deliveries.
+
+        Without this a failed turn would wait out the queue's whole visibility
+        timeout (minutes: it must exceed the worker's timeout), and block its
+        session's message group meanwhile.
+        """
+        for start in range(0, len(deliveries), 10):  # the batch API takes 10
+            chunk = deliveries[start : start + 10]
+            await asyncio.to_thread(
+                self._sqs().change_message_visibility_batch,
+                QueueUrl=self.queue_url,
+                Entries=[
+                    {"Id": str(n), "ReceiptHandle": handle, "VisibilityTimeout": delay}
+                    for n, (handle, delay) in enumerate(chunk)
+                ],
+            )
+
 
 @dataclass
 class InMemoryTurnQueue:
@@ -168,6 +190,7 @@ class InMemoryTurnQueue:
     dedup_seconds: float = 300.0
     _queues: dict[str, list[TurnRequest]] = field(default_factory=dict)
     _seen: dict[str, float] = field(default_factory=dict)
+    retries: list[tuple[str, int]] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     async def enqueue(self, turn: TurnRequest) -> None:
@@ -184,6 +207,11 @@ class InMemoryTurnQueue:
             result = self.on_enqueue(turn)
             if result is not None:
                 await result
+
+    async def retry_later(self, deliveries: list[tuple[str, int]]) -> None:
+        """Record the retries asked for (the local worker re-queues by itself)."""
+        with self._lock:
+            self.retries.extend(deliveries)
 
     def pending(self, session_id: str | None = None) -> list[TurnRequest]:
         """Queued turns (of one session, or all), oldest first, not removed."""

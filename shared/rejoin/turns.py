@@ -29,12 +29,31 @@ from .runtime import Runtime
 from .sender import broadcast
 from .session import UpstashSession
 
-__all__ = ["build_agent", "handle_turn", "run_turn"]
+__all__ = [
+    "build_agent",
+    "configure_tracing",
+    "handle_turn",
+    "retry_delay",
+    "run_turn",
+    "schedule_retries",
+]
 
 # Deltas are sent at most this often (seconds): coalesced, not one post per token.
 DELTA_INTERVAL = 0.1
 # Connections that resumed mid-turn start receiving deltas within this long.
 RECIPIENTS_REFRESH = 2.0
+
+
+_tracing_configured = False
+
+
+def _tracing_once() -> None:
+    # On the first turn, not at import: under SnapStart an import-time secret
+    # read (the OTLP headers) would be frozen into the snapshot.
+    global _tracing_configured
+    if not _tracing_configured:
+        configure_tracing()
+        _tracing_configured = True
 
 
 def configure_tracing(mode: str | None = None) -> None:
@@ -55,7 +74,24 @@ def configure_tracing(mode: str | None = None) -> None:
         agents.set_tracing_disabled(True)
 
 
-configure_tracing()
+def retry_delay(receive_count: int) -> int:
+    """Seconds before a failed turn is delivered again: 5, 10, 20, ... 300."""
+    return int(min(300, 5 * 2 ** max(0, receive_count - 1)))
+
+
+async def schedule_retries(rt: Runtime, event: dict[str, Any], failed: list[str]) -> None:
+    """Have the queue redeliver the failed records of an SQS batch soon."""
+    wanted = set(failed)
+    deliveries = [
+        (
+            r["receiptHandle"],
+            retry_delay(int(r.get("attributes", {}).get("ApproximateReceiveCount", 1))),
+        )
+        for r in event.get("Records", [])
+        if r.get("messageId") in wanted
+    ]
+    if deliveries:
+        await rt.queue().retry_later(deliveries)
 
 
 def build_agent(rt: Runtime) -> agents.Agent[Any]:
@@ -92,6 +128,7 @@ async def run_turn(
             participants were told, so the turn can be retried as is.
     """
     bind(session_id=turn.session_id)
+    _tracing_once()
     rooms = rooms_for(rt)
     attempt = uuid.uuid4().hex
     lease = rt.settings.turn_lease_seconds
