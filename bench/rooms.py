@@ -139,7 +139,6 @@ class Meter:
     def __init__(self, endpoint: Endpoint, cmdstats: CommandStats) -> None:
         self.endpoint = endpoint
         self.cmdstats = cmdstats
-        self.active = True
 
     def measure(self, stack: Any, call: Callable[[], Any]) -> tuple[Any, Counts]:
         sender = stack.sender

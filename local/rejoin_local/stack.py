@@ -253,7 +253,8 @@ class LocalSender(InMemorySender):
     """
 
     def __init__(self) -> None:
-        super().__init__()
+        # Delivered frames go to the sockets; keeping copies would only grow.
+        super().__init__(record=False)
         self.gateway: Gateway | None = None
 
     def attach(self, gateway: Gateway) -> None:

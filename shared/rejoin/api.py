@@ -18,8 +18,7 @@ problems, and unexpected errors a 500 ``internal`` problem with nothing of
 the exception in it (it is logged).
 
 The runtime is read per request (:func:`rejoin.runtime.get_runtime`), so tests
-and the local stack install their own. Its Upstash client is taken per event
-loop, not per thread (see :func:`room_store`).
+and the local stack install their own; its clients are per event loop.
 
 This module imports FastAPI: only the HTTP API function (whose requirements
 include it) imports it.
@@ -32,15 +31,12 @@ import hashlib
 import hmac
 import math
 import secrets
-import threading
 import traceback
 from collections.abc import Awaitable, Callable, MutableMapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Annotated, Any, Literal
 from urllib.parse import urlencode
-from weakref import WeakKeyDictionary
 
 from fastapi import APIRouter, Depends, FastAPI, Path, Request, Response, Security
 from fastapi.exceptions import RequestValidationError
@@ -51,7 +47,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ._lua import RedisClient, Script
+from ._lua import Script
 from .errors import (
     AuthError,
     ConfigError,
@@ -64,6 +60,7 @@ from .errors import (
 from .frames import ended_frame
 from .observability import bind, count, logger, unbind
 from .rooms import RoomStore
+from .routes import rooms_for
 from .runtime import Runtime, get_runtime
 from .sender import ConnectionSender, broadcast
 from .tokens import mint_token
@@ -468,56 +465,10 @@ class Transcript(BaseModel):
 
 _PING = Script("ping", "return 1")
 
-# Runtime -> event loop -> Upstash client. Runtime.redis() caches one client per
-# *thread*, but an httpx client belongs to the loop that first used it, and one
-# thread may run several loops (a handler's Runtime.run loop and Mangum's; the
-# short-lived loops of test clients). So the API keeps its own client per loop.
-_clients: WeakKeyDictionary[Runtime, dict[asyncio.AbstractEventLoop, RedisClient]] = (
-    WeakKeyDictionary()
-)
-_clients_lock = threading.Lock()
-
-
-def _new_client(rt: Runtime) -> RedisClient:
-    # Runtime.redis() builds a client on first use in each thread (with the
-    # runtime's own factory or settings); a short-lived thread gets a new one,
-    # not yet bound to any loop. Building it does no I/O.
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="rejoin-api-client") as pool:
-        return pool.submit(rt.redis).result()
-
-
-def _redis(rt: Runtime) -> RedisClient:
-    loop = asyncio.get_running_loop()
-    with _clients_lock:
-        per_loop = _clients.setdefault(rt, {})
-        for old in [lp for lp in per_loop if lp.is_closed()]:
-            del per_loop[old]  # its connections died with their loop
-        client = per_loop.get(loop)
-    if client is None:
-        fresh = _new_client(rt)
-        with _clients_lock:
-            client = per_loop.setdefault(loop, fresh)
-    return client
-
 
 def room_store(rt: Runtime) -> RoomStore:
-    """The room store for this request, on an Upstash client of the running loop.
-
-    Configured as :func:`rejoin.routes.rooms_for` configures it; only the
-    client differs (one per event loop instead of one per thread).
-
-    Raises:
-        ConfigError: Upstash is not configured.
-        RuntimeError: called outside a running event loop.
-    """
-    s = rt.settings
-    return RoomStore(
-        _redis(rt),
-        key_prefix=s.key_prefix,
-        grace_seconds=s.grace_seconds,
-        event_log_size=s.event_log_size,
-        clock=rt.clock,
-    )
+    """The room store for this request (on the running loop's Upstash client)."""
+    return rooms_for(rt)
 
 
 # --- what the routes do -----------------------------------------------------------------
@@ -861,7 +812,7 @@ async def get_health() -> Health:
 async def get_ready(rt: RuntimeDep) -> Ready:
     """Readiness: one cheap script on the store."""
     try:
-        await _PING(_redis(rt), (), ())
+        await _PING(rt.redis(), (), ())
     except (StoreError, ConfigError) as exc:
         logger.warning("store not ready", extra={"reason": type(exc).__name__})
         raise ApiProblem(503, "store_unavailable", "the session store did not answer") from None

@@ -43,7 +43,7 @@ class Runtime:
         sender: posts frames to connections; default: API Gateway's
             management API at ``settings.ws_endpoint`` (or the event's).
         queue: the turn queue; default: SQS at ``settings.turn_queue_url``.
-        redis_factory: builds an Upstash client (one per thread).
+        redis_factory: builds an Upstash client (one per event loop).
         rate_limiter: replaces the upstash-ratelimit limiter.
         agent_factory: builds the agent (default :func:`rejoin.turns.build_agent`).
     """
@@ -77,9 +77,24 @@ class Runtime:
             self._local.loop = loop
         return loop.run_until_complete(coro)
 
+    def _bound(self) -> dict[str, Any]:
+        # Clients (HTTP pools, locks) belong to the event loop that first used
+        # them, and one thread may run several loops (Runtime.run's, Mangum's,
+        # a test's): keep them per (thread, loop), rebuilt when the loop changes.
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = getattr(self._local, "loop", None)
+        if getattr(self._local, "bound_loop", None) is not loop:
+            self._local.bound_loop = loop
+            self._local.bound = {}
+        bound: dict[str, Any] = self._local.bound
+        return bound
+
     def redis(self) -> RedisClient:
-        """This thread's Upstash client (bound to this thread's loop)."""
-        client: RedisClient | None = getattr(self._local, "redis", None)
+        """The Upstash client of the running event loop."""
+        bound = self._bound()
+        client: RedisClient | None = bound.get("redis")
         if client is None:
             if self._redis_factory is not None:
                 client = self._redis_factory()
@@ -93,7 +108,7 @@ class Runtime:
                         "UPSTASH_REDIS_REST_URL and UPSTASH_REDIS_REST_TOKEN"
                     )
                 client = upstash_client(s.upstash_url, s.upstash_token, timeout=s.upstash_timeout)
-            self._local.redis = client
+            bound["redis"] = client
         return client
 
     def sender(self, request_context: dict[str, Any] | None = None) -> ConnectionSender:
@@ -120,8 +135,9 @@ class Runtime:
         return self._queue
 
     def agent(self) -> Any:
-        """This thread's agent (its model client is bound to this thread's loop)."""
-        agent = getattr(self._local, "agent", None)
+        """The agent of the running event loop (its model client is bound to it)."""
+        bound = self._bound()
+        agent = bound.get("agent")
         if agent is None:
             factory = self._agent_factory
             if factory is None:
@@ -129,13 +145,13 @@ class Runtime:
 
                 factory = build_agent
             agent = factory(self)
-            self._local.agent = agent
+            bound["agent"] = agent
         return agent
 
     def rate_limiter(self) -> RateLimiter | None:
         """Per-participant message limit (upstash-ratelimit, sliding window).
 
-        ``None`` when ``REJOIN_RATE_LIMIT`` is 0. Built per thread, on this
+        ``None`` when ``REJOIN_RATE_LIMIT`` is 0. Built per event loop, on its
         thread's Upstash client.
         """
         if self._rate_limiter is not None:
@@ -143,7 +159,8 @@ class Runtime:
         s = self.settings
         if s.rate_limit <= 0:
             return None
-        limiter: RateLimiter | None = getattr(self._local, "limiter", None)
+        bound = self._bound()
+        limiter: RateLimiter | None = bound.get("limiter")
         if limiter is None:
             from upstash_ratelimit.asyncio import Ratelimit, SlidingWindow
 
@@ -158,7 +175,7 @@ class Runtime:
                 return response.allowed, max(0.0, response.reset - time.time())
 
             limiter = limit
-            self._local.limiter = limiter
+            bound["limiter"] = limiter
         return limiter
 
     def verifier(self) -> TokenVerifier:

@@ -53,7 +53,7 @@ MESSAGE_LIMIT = 128 * 1024
 
 # Threads shared by every ApiGatewaySender: boto3 calls block, and the event
 # loop's default executor has only cpu_count + 4 threads (5-6 on Lambda).
-MAX_WORKERS = 16
+MAX_WORKERS = 64
 
 _THROTTLED_CODES = frozenset(
     {"LimitExceededException", "TooManyRequestsException", "ThrottlingException"}
@@ -254,6 +254,8 @@ class InMemorySender:
         max_frame_bytes: posts larger than this raise PayloadTooLarge, as a
             gateway would (None: no limit). Defaults to the 32 KB frame
             limit, so code that bypasses :func:`split_frame` is caught.
+        record: keep what is delivered (for :meth:`frames`); a long-running
+            local stack turns it off so memory does not grow.
     """
 
     def __init__(
@@ -262,9 +264,11 @@ class InMemorySender:
         latency: float = 0.0,
         on_deliver: DeliverHook | None = None,
         max_frame_bytes: int | None = FRAME_LIMIT,
+        record: bool = True,
     ) -> None:
         self.latency = latency
         self.on_deliver = on_deliver
+        self.record = record
         self.max_frame_bytes = max_frame_bytes
         self._lock = threading.Lock()
         self._open: set[str] = set()
@@ -321,7 +325,7 @@ class InMemorySender:
                 pending = self._throttles.get(connection_id, 0)
                 if pending > 0:
                     self._throttles[connection_id] = pending - 1
-                else:
+                elif self.record:
                     self._delivered[connection_id].append(bytes(data))
         if gone:
             raise ConnectionGone(f"connection {connection_id} is gone")
@@ -513,7 +517,7 @@ async def broadcast(
     connection_ids: Iterable[str],
     frame: Mapping[str, Any],
     *,
-    max_parallel: int = 32,
+    max_parallel: int = 100,
     max_attempts: int = 5,
     base_delay: float = 0.05,
     max_delay: float = 2.0,

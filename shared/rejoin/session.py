@@ -45,8 +45,18 @@ slide(ttl, {items, meta})
 if ARGV[4] == '' then return redis.call('LRANGE', items, 0, -1) end
 local limit = tonumber(ARGV[4])
 if limit <= 0 then return {} end
--- Walk back from the newest item, skipping corrupt entries as the SDK's own
--- backends do, so `limit` counts valid items; costs O(limit), not O(history).
+return redis.call('LRANGE', items, -limit, -1)
+""",
+)
+
+# Only when the latest `limit` entries held corrupt ones (rare): walk back from
+# the newest, skipping them as the SDK's backends do, so `limit` counts valid
+# items. Decoding in Lua costs Redis time, so the common path above skips it.
+_GET_VALID = Script(
+    "get_valid_items",
+    _HEAD
+    + """
+local limit = tonumber(ARGV[4])
 local newest_first, stop = {}, -1
 while #newest_first < limit do
   local want = limit - #newest_first
@@ -126,6 +136,16 @@ remember(ops, results, op, now)
 return 1
 """,
 )
+
+
+def _decode(raw: list[str] | None) -> list[TResponseInputItem]:
+    items: list[TResponseInputItem] = []
+    for entry in raw or []:
+        try:
+            items.append(json.loads(entry))
+        except (json.JSONDecodeError, TypeError):
+            continue  # corrupt entries are skipped, as the SDK's backends do
+    return items
 
 
 def _resolve_limit(explicit: int | None, settings: Any) -> int | None:
@@ -237,12 +257,10 @@ class UpstashSession:
         if resolved is not None and resolved <= 0:
             return []
         raw = await self._run(_GET, "" if resolved is None else resolved)
-        items: list[TResponseInputItem] = []
-        for entry in raw or []:
-            try:
-                items.append(json.loads(entry))
-            except (json.JSONDecodeError, TypeError):
-                continue  # corrupt entries are skipped, as the SDK's backends do
+        items = _decode(raw)
+        if resolved is not None and len(items) < len(raw) == resolved:
+            # Corrupt entries among the latest: fetch further back (rare).
+            items = _decode(await self._run(_GET_VALID, resolved))
         return items
 
     async def add_items(self, items: list[TResponseInputItem]) -> None:
