@@ -16,7 +16,7 @@ from aws_lambda_powertools.utilities.batch import (
 )
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 
-from rejoin.observability import lambda_handler
+from rejoin.observability import lambda_handler, log_failure
 from rejoin.queue import TurnRequest
 from rejoin.runtime import get_runtime
 from rejoin.turns import handle_turn, schedule_retries
@@ -29,7 +29,12 @@ processor.raise_on_entire_batch_failure = False
 
 def record_handler(record: SQSRecord) -> str:
     rt = get_runtime()
-    return handle_turn(rt, TurnRequest.from_json(record.body), rt.agent())
+    try:
+        return handle_turn(rt, TurnRequest.from_json(record.body), rt.agent())
+    except Exception as exc:
+        # Powertools reports the failure to SQS but logs it only at DEBUG.
+        log_failure("turn record failed", exc, message_id=record.message_id)
+        raise
 
 
 @lambda_handler
