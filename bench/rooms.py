@@ -368,7 +368,7 @@ async def _broadcast(report: Report, quick: bool) -> None:
     rounds = QUICK_BROADCAST_ROUNDS if quick else BROADCAST_ROUNDS
     subjects = {
         "one post": lambda: broadcast(sender, ids[:1], frame),
-        f"broadcast to {FANOUT} (default max_parallel=32)": lambda: broadcast(sender, ids, frame),
+        f"broadcast to {FANOUT} (default max_parallel=100)": lambda: broadcast(sender, ids, frame),
         f"broadcast to {FANOUT}, max_parallel=50": lambda: broadcast(
             sender, ids, frame, max_parallel=50
         ),
@@ -394,7 +394,7 @@ async def _broadcast(report: Report, quick: bool) -> None:
         rows,
     )
     report.data["broadcast"] = {name: summarize(v).__dict__ for name, v in samples.items()}
-    main = samples[f"broadcast to {FANOUT} (default max_parallel=32)"]
+    main = samples[f"broadcast to {FANOUT} (default max_parallel=100)"]
     report.goal(f"broadcast to {FANOUT} / one post (InMemorySender, 20 ms)", ratio(main, one), 3)
 
 
