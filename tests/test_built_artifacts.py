@@ -518,8 +518,10 @@ class Sqs:
 
 @contextlib.contextmanager
 def moto_sqs() -> Iterator[Sqs]:
-    moto_server = pytest.importorskip("moto.server")
+    # Not importorskip: without moto's server (moto[server]) this test would
+    # silently stop proving that the built artefacts work.
     import boto3
+    import moto.server as moto_server
 
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()

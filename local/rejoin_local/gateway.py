@@ -44,8 +44,6 @@ import functools
 import json
 import logging
 import os
-import socket
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -64,6 +62,9 @@ from starlette.websockets import WebSocket, WebSocketState
 
 from rejoin.errors import ConnectionGone, PayloadTooLarge
 
+from ._serving import bind as bind
+from ._serving import client_address as client_address
+from ._serving import serve_uvicorn
 from .handlers import LocalLambdaContext
 
 __all__ = [
@@ -856,30 +857,6 @@ class RunningServer:
     server: uvicorn.Server
 
 
-def bind(host: str, port: int) -> socket.socket:
-    """A listening socket (port 0: a free one)."""
-    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-    sock = socket.socket(family, kind, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
-        sock.listen(128)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-def client_address(sock: socket.socket) -> tuple[str, int]:
-    """The host and port a client on this machine connects to."""
-    host, port = sock.getsockname()[:2]
-    if host == "0.0.0.0":
-        host = "127.0.0.1"
-    elif host == "::":
-        host = "::1"
-    return host, port
-
-
 @contextlib.contextmanager
 def serve(
     app: Any,
@@ -894,31 +871,18 @@ def serve(
         The running server; it stops (sockets closed, ``$disconnect`` run) when
         the block exits.
     """
-    sock = bind(host, port)
-    client_host, bound_port = client_address(sock)
-    shown = f"[{client_host}]" if ":" in client_host else client_host
-    server = uvicorn.Server(uvicorn_config(app, gateway, **uvicorn_kwargs))
-    thread = threading.Thread(
-        target=server.run, kwargs={"sockets": [sock]}, name="rejoin-gateway", daemon=True
-    )
-    try:
-        thread.start()
-        deadline = time.monotonic() + 15
-        while not server.started:
-            if not thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the gateway failed to start")
-            time.sleep(0.005)
+    with serve_uvicorn(
+        uvicorn_config(app, gateway, **uvicorn_kwargs),
+        host,
+        port,
+        thread_name="rejoin-gateway",
+        description="the gateway",
+        stop_timeout=15,
+    ) as served:
         yield RunningServer(
-            url=f"http://{shown}:{bound_port}",
-            ws_url=f"ws://{shown}:{bound_port}",
-            host=client_host,
-            port=bound_port,
-            server=server,
+            url=served.url(),
+            ws_url=served.url("ws"),
+            host=served.host,
+            port=served.port,
+            server=served.server,
         )
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)
-        if thread.is_alive():
-            server.force_exit = True
-            thread.join(timeout=5)
-        sock.close()

@@ -52,6 +52,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
+from ._serving import base_url, bind, client_address, serve_uvicorn
+
 if TYPE_CHECKING:
     # fakeredis is a dev dependency, imported only when the embedded store starts.
     from fakeredis import TcpFakeServer as _TcpServer
@@ -1078,27 +1080,6 @@ class RunningServer:
     port: int
 
 
-def _bind(host: str, port: int) -> socket.socket:
-    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-    sock = socket.socket(family, kind, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
-        sock.listen(128)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-def _client_url(sock: socket.socket) -> tuple[str, int, str]:
-    host, port = sock.getsockname()[:2]
-    if host in ("0.0.0.0", "::"):
-        host = "127.0.0.1" if host == "0.0.0.0" else "::1"
-    shown = f"[{host}]" if ":" in host else host
-    return host, port, f"http://{shown}:{port}"
-
-
 @contextlib.contextmanager
 def serve(app: Starlette, host: str = "127.0.0.1", port: int = 0) -> Iterator[RunningServer]:
     """Serve ``app`` with uvicorn in a background thread.
@@ -1111,32 +1092,23 @@ def serve(app: Starlette, host: str = "127.0.0.1", port: int = 0) -> Iterator[Ru
     Yields:
         The running server's address; it stops when the block exits.
     """
-    sock = _bind(host, port)
-    client_host, bound_port, url = _client_url(sock)
-    server = uvicorn.Server(
-        uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=2)
-    )
-    thread = threading.Thread(
-        target=server.run, kwargs={"sockets": [sock]}, name="rejoin-upstash-rest", daemon=True
-    )
-    try:
-        thread.start()
-        deadline = time.monotonic() + 15
-        while not server.started:
-            if not thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the Upstash REST endpoint failed to start")
-            time.sleep(0.005)
-        yield RunningServer(url=url, host=client_host, port=bound_port)
-    finally:
+
+    def release_hanging_requests() -> None:
         endpoint = getattr(app.state, "endpoint", None)
         if isinstance(endpoint, Endpoint):
             endpoint.faults.clear()  # releases hanging requests, so shutdown is quick
-        server.should_exit = True
-        thread.join(timeout=10)
-        if thread.is_alive():
-            server.force_exit = True
-            thread.join(timeout=5)
-        sock.close()
+
+    config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=2)
+    with serve_uvicorn(
+        config,
+        host,
+        port,
+        thread_name="rejoin-upstash-rest",
+        description="the Upstash REST endpoint",
+        stop_timeout=10,
+        before_stop=release_hanging_requests,
+    ) as served:
+        yield RunningServer(url=served.url(), host=served.host, port=served.port)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1168,8 +1140,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     app = create_app(redis_url=args.redis_url or None, token=args.token)
     endpoint: Endpoint = app.state.endpoint
-    sock = _bind(args.host, args.port)
-    _, _, url = _client_url(sock)
+    sock = bind(args.host, args.port)
+    url = base_url(*client_address(sock))
     backend = "an embedded in-memory store" if endpoint.embedded else endpoint.redis_url
     print(f"Upstash-compatible REST endpoint on {url}, backed by {backend}", flush=True)
     print(f"UPSTASH_REDIS_REST_URL={url} UPSTASH_REDIS_REST_TOKEN={args.token}", flush=True)
