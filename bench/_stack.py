@@ -1,7 +1,8 @@
 """What the benchmarks run against: a private Redis and the Upstash-compatible endpoint.
 
 - :func:`private_redis` starts ``redis-server`` on a free loopback port with no
-  persistence (``--save '' --appendonly no``), like ``tests/conftest.py`` does.
+  persistence (``--save '' --appendonly no``) with
+  :class:`rejoin_local.redis_server.PrivateRedis`, as ``tests/conftest.py`` does.
   The benchmarks never touch any other Redis (a shared one may be running on
   6379: it is not ours).
 - :func:`upstash_endpoint` serves ``rejoin_local.upstash_rest`` in front of it
@@ -18,8 +19,6 @@ import contextlib
 import os
 import re
 import secrets
-import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,46 +31,13 @@ from typing import Any
 import httpx
 import redis
 
+from rejoin_local.redis_server import PrivateRedis, RedisStartError, stop_process
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 class StackError(RuntimeError):
     """The private Redis or the endpoint could not be started."""
-
-
-def free_port() -> int:
-    """A TCP port that was free a moment ago (the caller retries if it is taken)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=5)
-
-
-def _redis_up(url: str, proc: subprocess.Popen[bytes], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            return False  # most likely the port was taken meanwhile
-        client = redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5)
-        try:
-            if client.ping():
-                return True
-        except redis.ConnectionError:
-            time.sleep(0.02)
-        finally:
-            client.close()
-    return False
 
 
 @contextlib.contextmanager
@@ -81,24 +47,16 @@ def private_redis() -> Iterator[str]:
     Raises:
         StackError: no ``redis-server`` on PATH, or it would not start.
     """
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise StackError("redis-server is not on PATH (apt-get install redis-server)")
     with tempfile.TemporaryDirectory(prefix="rejoin-bench-redis-") as workdir:
-        for _attempt in range(3):
-            port = free_port()
-            url = f"redis://127.0.0.1:{port}/0"
-            args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", workdir]
-            args += ["--save", "", "--appendonly", "no"]
-            with open(os.path.join(workdir, f"redis-{port}.log"), "wb") as log:
-                proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
-                try:
-                    if _redis_up(url, proc):
-                        yield url
-                        return
-                finally:
-                    _stop(proc)
-        raise StackError(f"could not start redis-server (logs in {workdir})")
+        private = PrivateRedis(workdir)
+        try:
+            url = private.start()
+        except RedisStartError as exc:
+            raise StackError(str(exc)) from None
+        try:
+            yield url
+        finally:
+            private.stop()
 
 
 @dataclass
@@ -149,7 +107,7 @@ def upstash_endpoint(redis_url: str) -> Iterator[Endpoint]:
             url = _wait_for_url(Path(log.name), proc, http)
             yield Endpoint(url=url, token=token, redis_url=redis_url, _http=http)
         finally:
-            _stop(proc)
+            stop_process(proc)
 
 
 def _wait_for_url(log: Path, proc: subprocess.Popen[bytes], http: httpx.Client) -> str:

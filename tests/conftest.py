@@ -12,14 +12,9 @@ from __future__ import annotations
 
 import os
 import secrets
-import shutil
-import socket
-import subprocess
-import time
 import warnings
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import pytest_asyncio
@@ -27,7 +22,8 @@ import redis
 from upstash_redis import Redis as UpstashSync
 from upstash_redis.asyncio import Redis as UpstashAsync
 
-from rejoin_local.upstash_rest import EmbeddedRedis, Faults, Stats, create_app, serve
+from rejoin_local.redis_server import PrivateRedis, RedisStartError
+from rejoin_local.upstash_rest import Faults, Stats, create_app, serve
 
 # Clients built by the fixtures retry a lost response after this many seconds
 # instead of upstash-redis' default 3 s.
@@ -58,38 +54,6 @@ class UpstashEndpoint:
     redis_url: str
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _ping_until_up(url: str, proc: subprocess.Popen[bytes], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            return False  # exited: most likely the port was taken meanwhile
-        client = redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5)
-        try:
-            if client.ping():
-                return True
-        except redis.ConnectionError:
-            time.sleep(0.02)
-        finally:
-            client.close()
-    return False
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=5)
-
-
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     """The session's Redis: given, started here, or embedded as a last resort."""
@@ -98,37 +62,20 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
         yield RedisServer(url=given, owned=False)
         return
 
-    binary = shutil.which("redis-server")
-    if binary is None:
-        warnings.warn(
-            "redis-server not found on PATH: tests run against the embedded fakeredis store",
-            stacklevel=1,
-        )
-        with EmbeddedRedis() as embedded:
-            assert embedded.url is not None
-            yield RedisServer(url=embedded.url, owned=True)
-        return
-
-    workdir: Path = tmp_path_factory.mktemp("redis")
-    for _attempt in range(3):  # the free port may be taken before redis binds it
-        port = _free_port()
-        url = f"redis://127.0.0.1:{port}/0"
-        log = (workdir / f"redis-{port}.log").open("wb")
-        args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir)]
-        args += ["--save", "", "--appendonly", "no"]  # a throwaway server: no persistence
-        proc = subprocess.Popen(
-            args,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            if _ping_until_up(url, proc):
-                yield RedisServer(url=url, owned=True)
-                return
-        finally:
-            _stop(proc)
-            log.close()
-    pytest.fail(f"could not start redis-server (logs in {workdir})")
+    private = PrivateRedis(tmp_path_factory.mktemp("redis"), embedded_fallback=True)
+    try:
+        url = private.start()
+    except RedisStartError as exc:
+        pytest.fail(str(exc))
+    try:
+        if private.embedded:
+            warnings.warn(
+                "redis-server not found on PATH: tests run against the embedded fakeredis store",
+                stacklevel=1,
+            )
+        yield RedisServer(url=url, owned=True)
+    finally:
+        private.stop()
 
 
 @pytest.fixture(scope="session")
