@@ -283,6 +283,23 @@ class TestRateLimit:
         finally:
             set_runtime(None)
 
+    def test_store_down_during_the_check_is_a_clear_error(self, upstash, raw_redis):
+        stack = make_stack(upstash, agent=offline_agent(), rate_limit=5)
+        try:
+            ada, _ = stack.join("rl-2", "ada")
+            before = raw_redis.llen("rejoin:{rl-2}:events")
+            # GIVEN Upstash fails the rate limiter's script (first try and retry)
+            upstash.faults.fail(status=503, times=2, command="EVAL")
+            reply = stack.say(ada, "lost?")
+            # THEN the sender is told, nothing is stored or queued
+            assert reply["type"] == "error" and reply["code"] == "internal"
+            assert raw_redis.llen("rejoin:{rl-2}:events") == before
+            assert stack.queue.pending() == []
+            # and once Upstash is back the same message goes through
+            assert stack.say(ada, "lost?")["type"] == "ack"
+        finally:
+            set_runtime(None)
+
 
 class TestMeetingMode:
     def test_agent_answers_only_when_addressed(self, upstash, raw_redis):

@@ -18,7 +18,7 @@ from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .config import Settings
-from .errors import ConfigError
+from .errors import ConfigError, StoreUnavailable
 
 if TYPE_CHECKING:
     from ._lua import RedisClient
@@ -171,7 +171,12 @@ class Runtime:
             )
 
             async def limit(identifier: str) -> tuple[bool, float]:
-                response = await ratelimit.limit(identifier)
+                try:
+                    response = await ratelimit.limit(identifier)
+                except Exception as exc:  # upstash-redis raises httpx and JSON errors as is
+                    raise StoreUnavailable(
+                        f"rate limit check failed ({type(exc).__name__})"
+                    ) from exc
                 return response.allowed, max(0.0, response.reset - time.time())
 
             limiter = limit
