@@ -85,10 +85,10 @@ class Runtime:
             loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:
             loop = getattr(self._local, "loop", None)
-        if getattr(self._local, "bound_loop", None) is not loop:
+        bound: dict[str, Any] | None = getattr(self._local, "bound", None)
+        if bound is None or self._local.bound_loop is not loop:
+            bound = self._local.bound = {}
             self._local.bound_loop = loop
-            self._local.bound = {}
-        bound: dict[str, Any] = self._local.bound
         return bound
 
     def redis(self) -> RedisClient:
