@@ -375,6 +375,24 @@ class TestTurns:
         finally:
             set_runtime(None)
 
+    def test_failing_to_shorten_the_retry_delay_still_reports_the_failure(self, upstash):
+        agent = scripted_agent([ScriptedModel.fail(RuntimeError("model down"))])
+        stack = make_stack(upstash, agent=agent)
+        try:
+            ada, _ = stack.join("t6", "ada")
+            stack.say(ada, "hello")
+
+            async def sqs_down(deliveries: Any) -> None:
+                raise ConnectionError("sqs unreachable")
+
+            stack.queue.retry_later = sqs_down  # type: ignore[method-assign]
+            # WHEN the turn fails and so does the visibility change
+            result = stack.deliver(stack.queue.take("t6"))
+            # THEN the handler still answers with the failed record (SQS retries it)
+            assert len(result["batchItemFailures"]) == 1
+        finally:
+            set_runtime(None)
+
     def test_crashed_turn_is_rolled_back_by_the_next_attempt(self, stack: Stack, raw_redis):
         from rejoin.routes import rooms_for
         from rejoin.session import UpstashSession

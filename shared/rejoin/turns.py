@@ -90,8 +90,14 @@ async def schedule_retries(rt: Runtime, event: dict[str, Any], failed: list[str]
         for r in event.get("Records", [])
         if r.get("messageId") in wanted
     ]
-    if deliveries:
+    if not deliveries:
+        return
+    try:
         await rt.queue().retry_later(deliveries)
+    except Exception as exc:
+        # Best effort: without it SQS still redelivers, after the full
+        # visibility timeout. Failing here would return the whole batch.
+        log_failure("could not shorten the retry delay", exc, records=len(deliveries))
 
 
 def build_agent(rt: Runtime) -> agents.Agent[Any]:
