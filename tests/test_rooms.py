@@ -250,6 +250,18 @@ class TestFrames:
         assert stack.last(cid, "error")["code"] == "not_joined"
         assert stack.queue.pending() == []
 
+    def test_frames_after_the_session_ended_get_session_gone(self, stack: Stack, raw_redis):
+        from rejoin.routes import rooms_for
+
+        ada, _ = stack.join("f5", "ada")
+        # GIVEN the session was ended (its keys deleted) while Ada's socket lingers
+        assert stack.rt.run(rooms_for(stack.rt).end("f5")) == [ada]
+        for frame in ({"action": "say", "id": "x1", "text": "hi"}, {"action": "resume"}):
+            stack.send(ada, frame)
+            assert stack.last(ada, "error")["code"] == "session_gone"
+        # THEN nothing brought the session back
+        assert session_keys(raw_redis, "f5") == []
+
     def test_ping(self, stack: Stack):
         ada, _ = stack.join("f3", "ada")
         stack.send(ada, {"action": "ping"})

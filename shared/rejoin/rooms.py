@@ -156,7 +156,7 @@ _RESUME = Script(
 local activity = KEYS[8]
 local now, conn, epoch, last_seq = tonumber(ARGV[1]), ARGV[2], ARGV[3], tonumber(ARGV[4])
 local rec = decode_or_nil(redis.call('HGET', conns, conn))
-if not rec then return gone('not_in_session') end
+if not rec then return false end
 local m = redis.call('HMGET', meta, 'epoch', 'seq', 'mode')
 local seq = tonumber(m[2])
 local first = seq - redis.call('LLEN', events) + 1
@@ -182,7 +182,7 @@ _SAY = Script(
 local activity = KEYS[8]
 local now, conn, id, text, cap = tonumber(ARGV[1]), ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
 local rec = decode_or_nil(redis.call('HGET', conns, conn))
-if not rec then return gone('not_in_session') end
+if not rec then return {-2} end
 if rec.ready ~= 1 then return {-1} end
 redis.call('ZADD', activity, now, conn)
 local m = redis.call('HMGET', meta, 'epoch', 'mode', 'm:' .. id)
@@ -571,15 +571,14 @@ class RoomStore:
             NotInSession: the connection is not in this session.
         """
         keys = self.keys(session_id)
-        try:
-            cur_epoch, seq, recovered, raw_events, users, mode, rec = await _RESUME(
-                self.redis,
-                (*keys.all, self.activity_key),
-                (self.now_ms(), connection_id, epoch or "", last_seq),
-            )
-        except Exception as exc:
-            _raise_not_in_session(exc)
-            raise
+        reply = await _RESUME(
+            self.redis,
+            (*keys.all, self.activity_key),
+            (self.now_ms(), connection_id, epoch or "", last_seq),
+        )
+        if not reply:
+            raise NotInSession("this connection is not part of the session")
+        cur_epoch, seq, recovered, raw_events, users, mode, rec = reply
         me = json.loads(rec)
         events = _events(raw_events)
         return {
@@ -605,15 +604,13 @@ class RoomStore:
             NotJoined: the connection has not sent ``resume`` yet.
         """
         keys = self.keys(session_id)
-        try:
-            reply = await _SAY(
-                self.redis,
-                (*keys.all, self.activity_key),
-                (self.now_ms(), connection_id, message_id, text, self.cap),
-            )
-        except Exception as exc:
-            _raise_not_in_session(exc)
-            raise
+        reply = await _SAY(
+            self.redis,
+            (*keys.all, self.activity_key),
+            (self.now_ms(), connection_id, message_id, text, self.cap),
+        )
+        if int(reply[0]) == -2:
+            raise NotInSession("this connection is not part of the session")
         if int(reply[0]) == -1:
             raise NotJoined("send resume before say")
         status, seq, event, recipients, epoch, mode, rec = reply
@@ -799,10 +796,3 @@ def _participants(flat: Sequence[str]) -> list[dict[str, Any]]:
         rec = json.loads(raw)
         out.append({"user": user, "name": rec["name"], "status": rec["status"]})
     return out
-
-
-def _raise_not_in_session(exc: Exception) -> None:
-    from .errors import SessionGone
-
-    if isinstance(exc, SessionGone) and "not_in_session" in str(exc):
-        raise NotInSession("this connection is not part of the session") from None
