@@ -545,6 +545,22 @@ class TestCleanup:
         assert stack.last(ada, "presence")["status"] == "away"
         assert stack.rt.run(_status(stack, "c4"))["connections"] == 1
 
+    def test_a_reply_over_32_kb_arrives_in_parts(self, upstash):
+        long_reply = "word " * 9000  # 45 KB: over API Gateway's 32 KB frame limit
+        stack = make_stack(upstash, agent=scripted_agent([ScriptedModel.text(long_reply)]))
+        try:
+            ada, _ = stack.join("c6", "ada")
+            stack.say(ada, "tell me everything")
+            stack.run_turns()
+            parts = [f for f in stack.frames(ada, "part") if f["count"] > 1]
+            assert parts
+            # every post fit in a frame, and the parts rebuild the final message
+            assert all(len(raw) <= 32 * 1024 for raw in stack.sender.raw(ada))
+            whole = json.loads("".join(p["data"] for p in parts if p["id"] == parts[-1]["id"]))
+            assert whole["type"] == "agent_message" and whole["text"] == long_reply
+        finally:
+            set_runtime(None)
+
     def test_throttled_post_is_retried(self, stack: Stack):
         ada, _ = stack.join("c5", "ada")
         bob, _ = stack.join("c5", "bob")
