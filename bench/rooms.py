@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from rejoin.sender import InMemorySender
@@ -57,21 +57,15 @@ _prefixes = iter(range(1, 1_000_000))
 def build_stack(endpoint: Endpoint, agent: Any = None, **overrides: Any) -> Any:
     """A harness Stack on the endpoint, with its own key prefix (so the global
     grace and activity indexes of one scenario never see another's sessions)."""
-    from harness import SECRET, Stack
+    from harness import make_stack
 
-    from rejoin.config import Settings
-
-    settings = replace(
-        Settings(
-            upstash_url=endpoint.url,
-            upstash_token=endpoint.token,
-            token_secret=SECRET,
-            rate_limit=0,
-            key_prefix=f"bench{next(_prefixes)}",
-        ),
+    return make_stack(
+        endpoint,
+        agent,
+        sender=MeteredSender(),
+        key_prefix=f"bench{next(_prefixes)}",
         **overrides,
     )
-    return Stack(endpoint.url, endpoint.token, settings, sender=MeteredSender(), agent=agent)
 
 
 @contextlib.contextmanager

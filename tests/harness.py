@@ -220,7 +220,14 @@ class Stack:
         return [f for f in self.frames(cid) if "seq" in f and f["type"] != "ack"]
 
 
-def make_stack(upstash: Any, agent: Any = None, **overrides: Any) -> Stack:
+def make_stack(
+    upstash: Any, agent: Any = None, *, sender: InMemorySender | None = None, **overrides: Any
+) -> Stack:
+    """A Stack on an Upstash-compatible endpoint (``.url``, ``.token``).
+
+    Rate limiting is off unless ``rate_limit`` is given; ``overrides`` are
+    :class:`Settings` fields.
+    """
     settings = replace(
         Settings(
             upstash_url=upstash.url,
@@ -230,7 +237,9 @@ def make_stack(upstash: Any, agent: Any = None, **overrides: Any) -> Stack:
         ),
         **overrides,
     )
-    return Stack(upstash.url, upstash.token, settings, agent=agent)
+    return Stack(
+        upstash.url, upstash.token, settings, sender=sender or InMemorySender(), agent=agent
+    )
 
 
 def offline_agent() -> Any:
