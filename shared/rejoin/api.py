@@ -74,7 +74,6 @@ __all__ = [
     "create_session",
     "end_session",
     "new_session_id",
-    "room_store",
     "session_status",
     "transcript",
 ]
@@ -466,11 +465,6 @@ class Transcript(BaseModel):
 _PING = Script("ping", "return 1")
 
 
-def room_store(rt: Runtime) -> RoomStore:
-    """The room store for this request (on the running loop's Upstash client)."""
-    return rooms_for(rt)
-
-
 # --- what the routes do -----------------------------------------------------------------
 
 
@@ -851,7 +845,7 @@ async def post_session(
     session_id = spec.session_id or new_session_id()
     bind(session_id=session_id)
     created = await create_session(
-        room_store(rt), session_id, mode=spec.mode or rt.settings.reply_mode
+        rooms_for(rt), session_id, mode=spec.mode or rt.settings.reply_mode
     )
     if created.created:
         count("SessionsCreatedByApi")
@@ -941,7 +935,7 @@ async def get_session(
 ) -> SessionStatus:
     """A session's status."""
     bind(session_id=session_id)
-    status = await session_status(room_store(rt), session_id)
+    status = await session_status(rooms_for(rt), session_id)
     if status is None:
         raise _not_found(session_id)
     return status
@@ -962,7 +956,7 @@ async def get_transcript(
 ) -> Transcript:
     """A session's transcript."""
     bind(session_id=session_id)
-    found = await transcript(room_store(rt), session_id)
+    found = await transcript(rooms_for(rt), session_id)
     if found is None:
         raise _not_found(session_id)
     return found
@@ -990,7 +984,7 @@ async def delete_session(session_id: SessionIdPath, rt: RuntimeDep) -> Response:
     """End a session."""
     bind(session_id=session_id)
     sender = rt.sender()  # before deleting: unconfigured, nobody would be told
-    if await end_session(room_store(rt), sender, session_id) is None:
+    if await end_session(rooms_for(rt), sender, session_id) is None:
         raise _not_found(session_id)
     return Response(status_code=204)
 

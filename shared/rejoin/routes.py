@@ -29,6 +29,7 @@ from .frames import (
     Resume,
     Say,
     ack_frame,
+    encode_frame,
     error_frame,
     parse_frame,
     pong_frame,
@@ -280,8 +281,6 @@ async def _resume(
 def _fit_welcome(welcome: dict[str, Any], limit: int = 120 * 1024) -> dict[str, Any]:
     # A message may be 128 KB: drop the oldest transcript events until it fits
     # (the client still rebuilds the latest part of the conversation).
-    from .frames import encode_frame
-
     transcript = welcome.get("transcript")
     while transcript and len(encode_frame(welcome)) > limit:
         del transcript[: max(1, len(transcript) // 4)]

@@ -24,9 +24,10 @@ from .frames import agent_delta_frame, error_frame
 from .models import build_model, make_current_time_tool
 from .observability import bind, count, log_failure, logger, register_flush
 from .queue import TurnRequest
+from .rooms import RoomStore
 from .routes import publish, rooms_for
 from .runtime import Runtime
-from .sender import broadcast
+from .sender import ConnectionSender, broadcast
 from .session import UpstashSession
 
 __all__ = [
@@ -161,7 +162,9 @@ async def run_turn(
     text = "\n".join(f"{i.name}: {i.text}" for i in turn.input)
     try:
         if turn.respond:
-            reply = await _stream(rt, agent or build_agent(rt), text, session, turn, monotonic)
+            reply = await _stream(
+                rooms, sender, agent or build_agent(rt), text, session, turn, monotonic
+            )
         else:
             await session.add_items([{"role": "user", "content": text}])
             reply = ""
@@ -194,15 +197,14 @@ async def run_turn(
 
 
 async def _stream(
-    rt: Runtime,
+    rooms: RoomStore,
+    sender: ConnectionSender,
     agent: agents.Agent[Any],
     text: str,
     session: UpstashSession,
     turn: TurnRequest,
     monotonic: Callable[[], float],
 ) -> str:
-    rooms = rooms_for(rt)
-    sender = rt.sender()
     recipients = await rooms.recipients(turn.session_id, turn.epoch)
     refreshed = last_flush = monotonic()
     buffer: list[str] = []
