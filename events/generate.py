@@ -7,14 +7,18 @@ JSON files differ from what this script writes.
 Every event is shaped exactly as the service sends it to Lambda: API Gateway WebSocket
 (``$connect``, messages, ``$disconnect``), SQS FIFO (the turn batch), EventBridge
 (the one-minute schedule) and API Gateway HTTP API payload format 2.0 (the HTTP API).
-They all belong to one story: Ada (``u-ada``) connects to ``demo-session`` on
-connection ``L0SM9cOFvHcCIhw=``, resumes, says hello, pings, leaves and disconnects;
-her message becomes turn ``c-1``; the cleanup runs; an admin uses the HTTP API.
+They all belong to one story: the authorizer admits Ada (``u-ada``) to
+``demo-session``; she connects on connection ``L0SM9cOFvHcCIhw=``, resumes, says
+hello (her message gets seq 3 and becomes turn ``3``), pings, asks the agent to
+stop, leaves and disconnects; the cleanup runs; an admin uses the HTTP API. Every
+event after the authorizer's carries its context in ``requestContext.authorizer``,
+as API Gateway passes it on.
 
 The participant token is a real HS256 JWT signed with the documented local key
 (``LOCAL_SIGNING_KEY``, also in ``events/env.local.json``) that expires in 2100, so
-``sam local invoke ConnectFunction -e events/connect.json --env-vars
-events/env.local.json`` passes authentication. Never use that key anywhere else.
+``sam local invoke AuthorizeFunction -e events/authorize.json --env-vars
+events/env.local.json`` passes authentication (``env.local.json`` lifts the maximum
+token lifetime for this sample token). Never use that key anywhere else.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from typing import Any
 EVENTS_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(EVENTS_DIR.parent / "shared"))
 
-from rejoin.queue import TurnInput, TurnRequest, dedup_id  # noqa: E402
+from rejoin.queue import TurnRequest, dedup_id  # noqa: E402
 from rejoin.tokens import mint_token  # noqa: E402
 
 # --- the story's constants -------------------------------------------------------------
@@ -80,8 +84,21 @@ def _uuid(n: int) -> str:
     return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-a{h[17:20]}-{h[20:32]}"
 
 
+# What the authorizer answered, as API Gateway passes it to every later event of
+# the connection (its context, and the principal).
+AUTHORIZER = {
+    "session": SESSION,
+    "user": USER,
+    "name": NAME,
+    "iat": TOKEN_ISSUED_AT,
+    "exp": TOKEN_EXPIRES_AT,
+    "principalId": USER,
+    "integrationLatency": 0,
+}
+
+
 def _ws_context(n: int, route: str, event_type: str, at_ms: int, **extra: Any) -> dict[str, Any]:
-    ctx: dict[str, Any] = {"routeKey": route}
+    ctx: dict[str, Any] = {"routeKey": route, "authorizer": AUTHORIZER}
     if event_type == "MESSAGE":
         ctx["messageId"] = "bWVzc2FnZS" + hashlib.sha256(f"m-{n}".encode()).hexdigest()[:6] + "="
     ctx.update(extra)
@@ -128,6 +145,22 @@ def connect_event() -> dict[str, Any]:
     }
 
 
+def authorize_event() -> dict[str, Any]:
+    """The REQUEST authorizer's input on $connect (its context has no authorizer yet)."""
+    event = connect_event()
+    event["requestContext"].pop("authorizer")
+    return {
+        "type": "REQUEST",
+        "methodArn": f"arn:aws:execute-api:{REGION}:{ACCOUNT}:{WS_API_ID}/{STAGE}/$connect",
+        "headers": event["headers"],
+        "multiValueHeaders": event["multiValueHeaders"],
+        "queryStringParameters": event["queryStringParameters"],
+        "multiValueQueryStringParameters": event["multiValueQueryStringParameters"],
+        "stageVariables": {},
+        "requestContext": event["requestContext"],
+    }
+
+
 def message_event(n: int, route: str, body: str, at_ms: int) -> dict[str, Any]:
     """A frame on a message route: API Gateway sends no headers, the body as a string."""
     return {
@@ -164,13 +197,7 @@ def disconnect_event() -> dict[str, Any]:
     }
 
 
-TURN = TurnRequest(
-    session_id=SESSION,
-    epoch=EPOCH,
-    turn_id="c-1",
-    respond=True,
-    input=(TurnInput(user=USER, name=NAME, text="Hello agent", seq=3, id="c-1"),),
-)
+TURN = TurnRequest(session_id=SESSION, epoch=EPOCH, turn_id="3", reply_to=3)
 
 
 def turn_event() -> dict[str, Any]:
@@ -190,7 +217,7 @@ def turn_event() -> dict[str, Any]:
                     "SequenceNumber": "18890143651240017408",
                     "MessageGroupId": TURN.session_id,
                     "SenderId": "AROAEXAMPLEROLEID123:rejoin-MessageFunction-Ab12Cd34Ef56",
-                    "MessageDeduplicationId": dedup_id(TURN.session_id, TURN.turn_id),
+                    "MessageDeduplicationId": dedup_id(TURN.session_id, TURN.epoch, TURN.turn_id),
                     "ApproximateFirstReceiveTimestamp": str(sent_ms + 15),
                 },
                 "messageAttributes": {},
@@ -303,6 +330,7 @@ def all_events() -> dict[str, Any]:
     """Every sample event, by file name."""
     t = CONNECTED_AT_MS
     events: dict[str, Any] = {
+        "authorize.json": authorize_event(),
         "connect.json": connect_event(),
         "message-resume.json": message_event(
             2, "resume", _frame({"action": "resume", "last_seq": 0}), t + 800
@@ -311,6 +339,7 @@ def all_events() -> dict[str, Any]:
             3, "say", _frame({"action": "say", "id": "c-1", "text": "Hello agent"}), t + 20_000
         ),
         "message-ping.json": message_event(4, "ping", _frame({"action": "ping"}), t + 40_000),
+        "message-stop.json": message_event(8, "stop", _frame({"action": "stop"}), t + 45_000),
         "message-leave.json": message_event(5, "leave", _frame({"action": "leave"}), t + 59_000),
         # Not JSON: API Gateway cannot select a route and sends it to $default.
         "message-bad.json": message_event(6, "$default", '{"action": "say", "text": ', t + 50_000),

@@ -24,6 +24,7 @@ from rejoin.tokens import mint_token
 from rejoin_local.handlers import load_handler
 
 SECRET = "test-signing-key-0123456789-abcdefghij"
+LOGGED = ("message", "presence", "agent_message")
 START = 1_764_000_000.0
 _ids = itertools.count(1)
 
@@ -63,30 +64,72 @@ def request_context(connection_id: str, route: str, event_type: str) -> dict[str
     }
 
 
-def connect_event(connection_id: str, query: dict[str, str]) -> dict[str, Any]:
+def authorize_event(connection_id: str, query: dict[str, str]) -> dict[str, Any]:
+    event = connect_event(connection_id, query)
+    return {
+        "type": "REQUEST",
+        "methodArn": "arn:aws:execute-api:us-east-1:123456789012:abc123/dev/$connect",
+        "headers": event["headers"],
+        "multiValueHeaders": event["multiValueHeaders"],
+        "queryStringParameters": event["queryStringParameters"],
+        "multiValueQueryStringParameters": event["multiValueQueryStringParameters"],
+        "stageVariables": {},
+        "requestContext": event["requestContext"],
+    }
+
+
+def authorize(connection_id: str, query: dict[str, str]) -> tuple[int, dict[str, Any] | None]:
+    """Run the authorizer as API Gateway does: (status, the context handed on)."""
+    if not query.get("session") or not query.get("token"):
+        return 401, None
+    try:
+        policy = load_handler("authorize")(authorize_event(connection_id, query), None)
+    except Exception as exc:
+        if str(exc) == "Unauthorized":
+            return 401, None
+        raise
+    if policy["policyDocument"]["Statement"][0]["Effect"] != "Allow":
+        return 403, None
+    return 200, {**policy["context"], "principalId": policy["principalId"]}
+
+
+def connect_event(
+    connection_id: str, query: dict[str, str], authorizer: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    ctx = request_context(connection_id, "$connect", "CONNECT")
+    if authorizer is not None:
+        ctx["authorizer"] = authorizer
     return {
         "headers": {"Host": "abc123.execute-api.us-east-1.amazonaws.com"},
         "multiValueHeaders": {"Host": ["abc123.execute-api.us-east-1.amazonaws.com"]},
         "queryStringParameters": query or None,
         "multiValueQueryStringParameters": {k: [v] for k, v in query.items()} or None,
-        "requestContext": request_context(connection_id, "$connect", "CONNECT"),
+        "requestContext": ctx,
         "isBase64Encoded": False,
     }
 
 
-def message_event(connection_id: str, body: str) -> dict[str, Any]:
+def message_event(
+    connection_id: str, body: str, authorizer: dict[str, Any] | None = None
+) -> dict[str, Any]:
     try:
         action = json.loads(body).get("action")
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         action = None
-    route = action if action in ("say", "resume", "ping", "leave") else "$default"
+    route = action if action in ("say", "resume", "ping", "leave", "stop") else "$default"
     ctx = request_context(connection_id, route, "MESSAGE")
     ctx["messageId"] = secrets.token_hex(8)
+    if authorizer is not None:
+        ctx["authorizer"] = authorizer
     return {"requestContext": ctx, "body": body, "isBase64Encoded": False}
 
 
-def disconnect_event(connection_id: str) -> dict[str, Any]:
+def disconnect_event(
+    connection_id: str, authorizer: dict[str, Any] | None = None
+) -> dict[str, Any]:
     ctx = request_context(connection_id, "$disconnect", "DISCONNECT")
+    if authorizer is not None:
+        ctx["authorizer"] = authorizer
     ctx["disconnectStatusCode"] = 1001
     ctx["disconnectReason"] = "Going away"
     headers = {"Host": "abc123.execute-api.us-east-1.amazonaws.com", "x-api-key": ""}
@@ -110,11 +153,15 @@ class Stack:
     queue: InMemoryTurnQueue = field(default_factory=InMemoryTurnQueue)
     agent: Any = None
     rt: Runtime = field(init=False)
+    identities: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         def redis() -> Any:
             return upstash_client(
-                self.upstash_url, self.upstash_token, timeout=5.0, retry_interval=0.01
+                self.upstash_url,
+                self.upstash_token,
+                timeout=self.settings.upstash_timeout,
+                retry_interval=0.01,
             )
 
         self.rt = Runtime(
@@ -151,15 +198,21 @@ class Stack:
         cid = connection_id or new_connection_id()
         if query is None:
             query = {"session": session, "token": token or self.token(session, user)}
+        status, authorizer = authorize(cid, query)
+        if authorizer is None:
+            return status, cid
         self.sender.open(cid)
-        answer = load_handler("connect")(connect_event(cid, query), None)
+        answer = load_handler("connect")(connect_event(cid, query, authorizer), None)
         if answer["statusCode"] != 200:
             self.sender.close_socket(cid)
+        else:
+            self.identities[cid] = authorizer
         return answer["statusCode"], cid
 
     def send(self, cid: str, frame: dict[str, Any] | str) -> dict[str, Any]:
         body = frame if isinstance(frame, str) else json.dumps(frame)
-        result: dict[str, Any] = load_handler("message")(message_event(cid, body), None)
+        event = message_event(cid, body, self.identities.get(cid))
+        result: dict[str, Any] = load_handler("message")(event, None)
         return result
 
     def join(self, session: str, user: str, **resume: Any) -> tuple[str, dict[str, Any]]:
@@ -180,7 +233,7 @@ class Stack:
     def drop(self, cid: str, *, lose_disconnect: bool = False) -> None:
         self.sender.close_socket(cid)
         if not lose_disconnect:
-            load_handler("disconnect")(disconnect_event(cid), None)
+            load_handler("disconnect")(disconnect_event(cid, self.identities.get(cid)), None)
 
     def cleanup(self) -> dict[str, Any]:
         result: dict[str, Any] = load_handler("cleanup")({"source": "aws.events"}, None)
@@ -207,7 +260,18 @@ class Stack:
     # --- what clients saw -------------------------------------------------------
 
     def frames(self, cid: str, *types: str) -> list[dict[str, Any]]:
-        frames = self.sender.frames(cid)
+        """Frames the connection received, ``part`` frames put back together."""
+        frames: list[dict[str, Any]] = []
+        parts: dict[str, list[dict[str, Any]]] = {}
+        for f in self.sender.frames(cid):
+            if f["type"] == "part":
+                got = parts.setdefault(f["id"], [])
+                got.append(f)
+                if len(got) == f["count"]:
+                    got.sort(key=lambda p: p["index"])
+                    frames.append(json.loads("".join(p["data"] for p in got)))
+                continue
+            frames.append(f)
         return [f for f in frames if not types or f["type"] in types]
 
     def last(self, cid: str, *types: str) -> dict[str, Any]:
@@ -217,7 +281,7 @@ class Stack:
 
     def logged(self, cid: str) -> list[dict[str, Any]]:
         """Events with a seq this connection received live, in order."""
-        return [f for f in self.frames(cid) if "seq" in f and f["type"] != "ack"]
+        return [f for f in self.frames(cid) if f["type"] in LOGGED]
 
 
 def make_stack(
@@ -256,9 +320,9 @@ def offline_agent() -> Any:
 
 
 def scripted_agent(steps: list[Any], tools: list[Any] | None = None) -> Any:
+    """An agent on the SDK's own test double, ``agents.testing.ScriptedModel``."""
     import agents
-
-    from rejoin.models import ScriptedModel
+    from agents.testing import ScriptedModel
 
     return agents.Agent(name="agent", model=ScriptedModel(steps), tools=tools or [])
 

@@ -14,7 +14,7 @@ from moto import mock_aws
 
 from rejoin.config import Settings
 from rejoin.errors import ConfigError
-from rejoin.queue import SqsTurnQueue, TurnInput, TurnRequest, dedup_id
+from rejoin.queue import SqsTurnQueue, TurnRequest, dedup_id
 from rejoin.runtime import set_runtime
 
 
@@ -52,25 +52,33 @@ def receive_all(sqs: Any, url: str) -> list[dict[str, Any]]:
         out.extend(got)
 
 
-def turn(session: str, turn_id: str) -> TurnRequest:
-    return TurnRequest(session, "e1", turn_id, True, (TurnInput("u", "U", "hi", 1, turn_id),))
+def turn(session: str, turn_id: str, epoch: str = "e1") -> TurnRequest:
+    return TurnRequest(session, epoch, turn_id, reply_to=int(turn_id.lstrip("m")))
 
 
 class TestSqsTurnQueue:
     async def test_fifo_group_is_the_session_and_resends_are_deduplicated(self, aws):
         sqs, url = fifo_queue()
         queue = SqsTurnQueue(url, client=sqs)
-        # GIVEN turns of two sessions, one sent twice
-        for t in (turn("s1", "m1"), turn("s2", "m1"), turn("s1", "m1"), turn("s1", "m2")):
+        # GIVEN turns of two sessions, one sent twice, and one of a recreated
+        # session (new epoch) reusing a turn id within the dedup window
+        for t in (
+            turn("s1", "m1"),
+            turn("s2", "m1"),
+            turn("s1", "m1"),
+            turn("s1", "m2"),
+            turn("s2", "m1", epoch="e2"),
+        ):
             await queue.enqueue(t)
         messages = receive_all(sqs, url)
-        # THEN the resend was dropped by SQS, and each message is grouped by session
+        # THEN the resend was dropped by SQS, the new epoch's turn was not, and
+        # each message is grouped by session
         got = [(m["Attributes"]["MessageGroupId"], json.loads(m["Body"])["turn"]) for m in messages]
-        assert sorted(got) == [("s1", "m1"), ("s1", "m2"), ("s2", "m1")]
+        assert sorted(got) == [("s1", "m1"), ("s1", "m2"), ("s2", "m1"), ("s2", "m1")]
         for m in messages:
             body = TurnRequest.from_json(m["Body"])
             assert m["Attributes"]["MessageDeduplicationId"] == dedup_id(
-                body.session_id, body.turn_id
+                body.session_id, body.epoch, body.turn_id
             )
         # and the order within a group is kept
         s1 = [t for g, t in got if g == "s1"]

@@ -559,15 +559,9 @@ async def test_max_duration_closes_busy_sockets(stubs: Stubs) -> None:
 
 
 def _turn(session: str, turn_id: str) -> Any:
-    from rejoin.queue import TurnInput, TurnRequest
+    from rejoin.queue import TurnRequest
 
-    return TurnRequest(
-        session_id=session,
-        epoch="e1",
-        turn_id=turn_id,
-        respond=True,
-        input=(TurnInput(user="u-1", name="Ada", text="hi", seq=1, id=turn_id),),
-    )
+    return TurnRequest(session_id=session, epoch="e1", turn_id=turn_id, reply_to=1)
 
 
 class TurnHandlerStub:

@@ -29,7 +29,7 @@ from rejoin import observability
 from rejoin.errors import ConfigError
 from rejoin.models import ScriptedModel
 from rejoin.observability import METRICS, bind, lambda_handler, logger
-from rejoin.queue import TurnInput, TurnRequest
+from rejoin.queue import TurnRequest
 from rejoin.runtime import set_runtime
 from rejoin.tokens import mint_token
 
@@ -304,9 +304,7 @@ class TestMetrics:
             assert step() == {"Expirations": 1, "GoneConnections": 0}
 
             # a turn that arrives late for the deleted session is dropped
-            late = TurnRequest(
-                session, welcome["epoch"], "late-1", True, (TurnInput("ada", "Ada", "x", 9, "l"),)
-            )
+            late = TurnRequest(session, welcome["epoch"], "9", reply_to=9)
             stack.deliver([late])
             assert step() == {"TurnsDropped": 1}
         finally:

@@ -29,7 +29,7 @@ async def trial(client: Any, n: int, rng: random.Random) -> tuple[bool, bool]:
     sid = f"race-{n}"
     start = ManualClock(1_764_000_000 + n)
     rooms = RoomStore(client, grace_seconds=120, clock=start)
-    joined = await rooms.connect(sid, f"a{n}", "ada", "Ada", mode="every")
+    joined = await rooms.connect(sid, f"a{n}", "ada", "Ada", mode="every", issued_at=start())
     await UpstashSession(sid, redis=client, epoch=joined.epoch).add_items(
         [{"role": "user", "content": f"history {n}"}]
     )
@@ -46,11 +46,11 @@ async def trial(client: Any, n: int, rng: random.Random) -> tuple[bool, bool]:
 
     async def do_connect() -> Any:
         await asyncio.sleep(rng.random() / 500)
-        return await reconnect.connect(sid, f"b{n}", "bob", "Bob", mode="every")
+        return await reconnect.connect(sid, f"b{n}", "bob", "Bob", mode="every", issued_at=start())
 
     async def do_sweep() -> Any:
         await asyncio.sleep(rng.random() / 500)
-        return await cleanup.sweep(sid)
+        return await cleanup.visit(sid)
 
     back, swept = await asyncio.gather(do_connect(), do_sweep())
     before_deadline = connect_at < deadline
@@ -67,10 +67,10 @@ async def trial(client: Any, n: int, rng: random.Random) -> tuple[bool, bool]:
     else:
         assert back.epoch != joined.epoch, f"trial {n}: expired session was resumed"
         assert items == [], n
-    # a later sweep never deletes it: it has a live connection
+    # a later visit never deletes it: it has a live connection
     later = RoomStore(client, grace_seconds=120, clock=ManualClock(deadline + 600))
-    assert (await later.sweep(sid)).deleted is False
-    return before_deadline, swept.deleted
+    assert (await later.visit(sid)).state == "active"
+    return before_deadline, swept.state == "deleted"
 
 
 async def test_cleanup_racing_reconnects(upstash, raw_redis):
@@ -88,26 +88,26 @@ async def test_cleanup_racing_reconnects(upstash, raw_redis):
     assert sum(1 for _, deleted in outcomes if deleted) > 10
     # both sides of the deadline were exercised, many times
     assert resumed > TRIALS // 5 and TRIALS - resumed > TRIALS // 5
-    # nothing is left in the grace index for live sessions
-    assert raw_redis.zcard("rejoin:grace") == 0
+    # every live session is still in the cleanup's schedule (none is lost to it)
+    assert raw_redis.zcard("rejoin:schedule") == TRIALS
     await client.close()
 
 
-async def test_sweep_never_deletes_a_session_resumed_after_indexing(upstash, raw_redis):
+async def test_visit_never_deletes_a_session_resumed_after_indexing(upstash, raw_redis):
     # GIVEN a session indexed for expiry, then resumed just before its deadline
     client = upstash_client(upstash.url, upstash.token, timeout=5)
     clock = ManualClock()
     rooms = RoomStore(client, grace_seconds=120, clock=clock)
-    await rooms.connect("idx", "c1", "ada", "Ada", mode="every")
+    await rooms.connect("idx", "c1", "ada", "Ada", mode="every", issued_at=clock())
     await rooms.disconnect("idx", "c1")
     clock.advance(119.999)
-    await rooms.connect("idx", "c2", "ada", "Ada", mode="every")
-    # WHEN the cleanup runs long after (it lists what is due, then sweeps)
+    await rooms.connect("idx", "c2", "ada", "Ada", mode="every", issued_at=clock())
+    # WHEN the cleanup runs long after (it lists what is due, then visits)
     clock.advance(1000)
-    assert await rooms.due_for_expiry() == []
-    outcome = await rooms.sweep("idx")
-    # THEN nothing is deleted
-    assert outcome.deleted is False and outcome.reason == "resumed"
+    assert await rooms.due() == ["idx"]  # due for a look at its quiet connection
+    outcome = await rooms.visit("idx")
+    # THEN nothing is deleted; the quiet connection is named for a liveness check
+    assert outcome.state == "active" and outcome.idle == ["c2"]
     meta = raw_redis.hgetall("rejoin:{idx}:meta")
     assert meta and json.loads(raw_redis.hget("rejoin:{idx}:users", "ada"))["status"] == "active"
     await client.close()

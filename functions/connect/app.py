@@ -24,6 +24,7 @@ def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
             rt,
             connection_id=parsed.request_context.connection_id,
             query=parsed.query_string_parameters,
+            authorizer=event["requestContext"].get("authorizer"),
             request_context=event["requestContext"],
         )
     )

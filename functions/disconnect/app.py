@@ -23,6 +23,7 @@ def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
         on_disconnect(
             rt,
             connection_id=parsed.request_context.connection_id,
+            authorizer=event["requestContext"].get("authorizer"),
             request_context=event["requestContext"],
         )
     )

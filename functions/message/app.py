@@ -25,6 +25,7 @@ def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
             rt,
             connection_id=parsed.request_context.connection_id,
             body=parsed.body,
+            authorizer=event["requestContext"].get("authorizer"),
             request_context=event["requestContext"],
         )
     )

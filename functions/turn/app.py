@@ -19,7 +19,7 @@ from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 from rejoin.observability import lambda_handler, log_failure
 from rejoin.queue import TurnRequest
 from rejoin.runtime import get_runtime
-from rejoin.turns import handle_turn, schedule_retries
+from rejoin.turns import agent_for, handle_turn, schedule_retries
 
 processor = SqsFifoPartialProcessor(skip_group_on_error=True)
 # Report every failed record instead of raising when all failed: SQS retries
@@ -30,7 +30,7 @@ processor.raise_on_entire_batch_failure = False
 def record_handler(record: SQSRecord) -> str:
     rt = get_runtime()
     try:
-        return handle_turn(rt, TurnRequest.from_json(record.body), rt.agent())
+        return handle_turn(rt, TurnRequest.from_json(record.body), agent_for(rt))
     except Exception as exc:
         # Powertools reports the failure to SQS but logs it only at DEBUG.
         log_failure("turn record failed", exc, message_id=record.message_id)

@@ -138,6 +138,9 @@ class GatewayConfig:
         integration_timeout: seconds a handler may take (API Gateway: 29).
         sweep_interval: how often idle and old sockets are looked for; default
             ``min(1, idle_timeout / 4)``.
+        identity_sources: query parameters the authorizer needs; a handshake
+            without one of them is refused with 401 before the authorizer
+            runs (API Gateway's ``route.request.querystring.*`` sources).
     """
 
     path: str = "/ws"
@@ -150,6 +153,7 @@ class GatewayConfig:
     message_limit: int = MESSAGE_LIMIT
     integration_timeout: float = INTEGRATION_TIMEOUT
     sweep_interval: float | None = None
+    identity_sources: tuple[str, ...] = ("session", "token")
 
 
 @dataclass
@@ -174,6 +178,7 @@ class LocalConnection:
     last_active: float
     opened_monotonic: float
     active_monotonic: float
+    authorizer: dict[str, Any] | None = None
     open: bool = True
     lose_disconnect: bool = False
     close_code: int | None = None
@@ -186,6 +191,11 @@ class Gateway:
     """API Gateway's WebSocket semantics in front of three handlers.
 
     Args:
+        authorize: the ``$connect`` REQUEST authorizer, or None for none. As on
+            API Gateway: it raising ``Unauthorized`` refuses with 401, a Deny
+            policy with 403; an Allow policy's ``context`` (and
+            ``principalId``) reaches every later event of the connection in
+            ``requestContext.authorizer``.
         connect: the ``$connect`` handler, ``handler(event, context)``.
         message: the handler of every message route (``$default`` included).
         disconnect: the ``$disconnect`` handler.
@@ -204,6 +214,7 @@ class Gateway:
         connect: Handler,
         message: Handler,
         disconnect: Handler,
+        authorize: Handler | None = None,
         config: GatewayConfig | None = None,
         executor: Executor | None = None,
         on_open: Callable[[str], None] | None = None,
@@ -212,6 +223,8 @@ class Gateway:
     ) -> None:
         self.config = config or GatewayConfig()
         self._handlers = {"connect": connect, "message": message, "disconnect": disconnect}
+        if authorize is not None:
+            self._handlers["authorize"] = authorize
         self._own_executor = executor is None
         self._executor: Executor = executor or ThreadPoolExecutor(
             max_workers=16, thread_name_prefix="rejoin-handler"
@@ -291,6 +304,54 @@ class Gateway:
         return await asyncio.wait_for(
             loop.run_in_executor(self._executor, call), self.config.integration_timeout
         )
+
+    async def _authorize(self, connect: dict[str, Any]) -> tuple[int, dict[str, Any] | None]:
+        """Run the authorizer as API Gateway does; (refusal status, context or None).
+
+        Without an authorizer every handshake goes on, with an empty context.
+        """
+        if "authorize" not in self._handlers:
+            return 200, {}
+        query = connect.get("queryStringParameters") or {}
+        if any(not query.get(name) for name in self.config.identity_sources):
+            return 401, None  # an identity source is missing: no call at all
+        context = connect["requestContext"]
+        event = {
+            "type": "REQUEST",
+            "methodArn": (
+                f"arn:aws:execute-api:local:000000000000:{self.config.api_id}/"
+                f"{self.config.stage}/$connect"
+            ),
+            "headers": connect["headers"],
+            "multiValueHeaders": connect["multiValueHeaders"],
+            "queryStringParameters": connect.get("queryStringParameters"),
+            "multiValueQueryStringParameters": connect.get("multiValueQueryStringParameters"),
+            "stageVariables": {},
+            "requestContext": context,
+        }
+        try:
+            policy = await self._invoke("authorize", event)
+        except TimeoutError:
+            log.error("authorizer timed out")
+            return 500, None
+        except Exception as exc:
+            if str(exc) == "Unauthorized":
+                return 401, None
+            log.exception("the authorizer raised")
+            return 500, None
+        try:
+            statements = policy["policyDocument"]["Statement"]
+            allowed = bool(statements) and all(s.get("Effect") == "Allow" for s in statements)
+        except (KeyError, TypeError, AttributeError):
+            log.error("the authorizer answered something that is not a policy")
+            return 500, None
+        if not allowed:
+            return 403, None
+        # What API Gateway hands on: the context's values, and the principal.
+        handed = dict(policy.get("context") or {})
+        handed["principalId"] = policy.get("principalId")
+        handed["integrationLatency"] = 0
+        return 200, handed
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -414,6 +475,8 @@ class Gateway:
             identity={"sourceIp": conn.source_ip},
         )
         context["messageId"] = new_connection_id()
+        if conn.authorizer:
+            context["authorizer"] = conn.authorizer
         return {"requestContext": context, "body": body, "isBase64Encoded": is_base64}
 
     def disconnect_event(self, conn: LocalConnection, code: int, reason: str) -> dict[str, Any]:
@@ -430,6 +493,8 @@ class Gateway:
         )
         context["disconnectStatusCode"] = code
         context["disconnectReason"] = reason
+        if conn.authorizer:
+            context["authorizer"] = conn.authorizer
         return {
             "headers": headers,
             "multiValueHeaders": {k: [v] for k, v in headers.items()},
@@ -449,14 +514,17 @@ class Gateway:
         started = time.monotonic()
         status: int = 500
         headers: dict[str, str] = {}
-        try:
-            result = await self._invoke("connect", event)
-            status, headers = _status_of(result)
-        except TimeoutError:
-            status = 504
-            log.error("connect %s: the handler timed out", connection_id)
-        except Exception:
-            log.exception("connect %s: the handler raised", connection_id)
+        status, authorizer = await self._authorize(event)
+        if authorizer is not None:
+            event["requestContext"]["authorizer"] = authorizer
+            try:
+                result = await self._invoke("connect", event)
+                status, headers = _status_of(result)
+            except TimeoutError:
+                status = 504
+                log.error("connect %s: the handler timed out", connection_id)
+            except Exception:
+                log.exception("connect %s: the handler raised", connection_id)
         elapsed = (time.monotonic() - started) * 1000
         if not 200 <= status < 300:
             self.stats["refused"] += 1
@@ -482,6 +550,7 @@ class Gateway:
             last_active=connected_at,
             opened_monotonic=now_m,
             active_monotonic=now_m,
+            authorizer=authorizer or None,
         )
         self.connections[connection_id] = conn
         self.stats["connects"] += 1

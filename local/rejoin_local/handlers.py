@@ -42,7 +42,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 FUNCTIONS_DIR = REPO_ROOT / "functions"
 SHARED_DIR = REPO_ROOT / "shared"
 
-HANDLER_NAMES = ("connect", "message", "disconnect", "turn", "cleanup")
+HANDLER_NAMES = ("authorize", "connect", "message", "disconnect", "turn", "cleanup")
 
 Handler = Callable[[dict[str, Any], Any], Any]
 

@@ -636,6 +636,7 @@ class Stack:
                     ) from None
 
             gateway = Gateway(
+                authorize=load_handler("authorize"),
                 connect=load_handler("connect"),
                 message=load_handler("message"),
                 disconnect=load_handler("disconnect"),

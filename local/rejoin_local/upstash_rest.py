@@ -34,6 +34,7 @@ import hmac
 import itertools
 import json
 import os
+import random
 import select
 import socket
 import ssl
@@ -542,6 +543,21 @@ class _Fault:
     command: str | None
     status: int = 503
     seconds: float = 0.0
+    script: str | None = None  # sha1 of the script (EVALSHA/EVAL) it is for
+
+    def matches(self, command: _Command) -> bool:
+        if self.command is not None and self.command != command.name:
+            return False
+        return self.script is None or command.script_sha == self.script
+
+
+@dataclass(slots=True)
+class _Chaos:
+    rate: float
+    kinds: tuple[str, ...]
+    hang_seconds: float
+    rng: random.Random
+    injected: Counter[str]
 
 
 class Faults:
@@ -549,31 +565,70 @@ class Faults:
 
     A fault matches a request to ``/``, ``/pipeline`` or ``/multi-exec`` whose
     first command is ``command`` (case-insensitive), or any such request when
-    ``command`` is None. Faults are taken in the order they were added, one per
-    request.
+    ``command`` is None; with ``script`` (a script's sha1), only EVALSHA/EVAL of
+    that script. Faults are taken in the order they were added, one per
+    request. :meth:`chaos` adds random faults on top, for soak tests.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._queue: list[_Fault] = []
         self._generation = 0
+        self._chaos: _Chaos | None = None
 
-    def lose_response(self, times: int = 1, command: str | None = None) -> None:
+    def lose_response(
+        self, times: int = 1, command: str | None = None, *, script: str | None = None
+    ) -> None:
         """Apply the request, then answer 502 with a non-JSON body (a lost response)."""
-        self._add(_Fault("lose", times, command))
+        self._add(_Fault("lose", times, command, script=script))
 
-    def fail(self, status: int = 503, times: int = 1, command: str | None = None) -> None:
+    def fail(
+        self,
+        status: int = 503,
+        times: int = 1,
+        command: str | None = None,
+        *,
+        script: str | None = None,
+    ) -> None:
         """Answer ``status`` with a non-JSON body without applying the request."""
-        self._add(_Fault("fail", times, command, status=status))
+        self._add(_Fault("fail", times, command, status=status, script=script))
 
-    def hang(self, seconds: float, times: int = 1, command: str | None = None) -> None:
+    def hang(
+        self,
+        seconds: float,
+        times: int = 1,
+        command: str | None = None,
+        *,
+        script: str | None = None,
+    ) -> None:
         """Wait ``seconds`` before applying and answering (``clear()`` ends the wait)."""
-        self._add(_Fault("hang", times, command, seconds=seconds))
+        self._add(_Fault("hang", times, command, seconds=seconds, script=script))
+
+    def chaos(
+        self,
+        rate: float,
+        *,
+        seed: int,
+        kinds: tuple[str, ...] = ("lose", "fail", "hang"),
+        hang_seconds: float = 1.0,
+    ) -> Counter[str]:
+        """Fault a ``rate`` share of all requests at random (seeded); returns the tally.
+
+        A random fault comes after any queued one and is of one of ``kinds``
+        (a 503 for ``fail``). ``clear()`` ends it.
+        """
+        if not 0 <= rate <= 1:
+            raise ValueError("rate must be between 0 and 1")
+        tally: Counter[str] = Counter()
+        with self._lock:
+            self._chaos = _Chaos(rate, kinds, hang_seconds, random.Random(seed), tally)
+        return tally
 
     def clear(self) -> None:
         """Drop pending faults and release requests that are hanging now."""
         with self._lock:
             self._queue.clear()
+            self._chaos = None
             self._generation += 1
 
     def pending(self) -> int:
@@ -588,14 +643,19 @@ class Faults:
         with self._lock:
             self._queue.append(fault)
 
-    def _take(self, command: str) -> _Fault | None:
+    def _take(self, command: _Command) -> _Fault | None:
         with self._lock:
             for i, fault in enumerate(self._queue):
-                if fault.command is None or fault.command == command:
+                if fault.matches(command):
                     fault.times -= 1
                     if fault.times == 0:
                         del self._queue[i]
                     return fault
+            chaos = self._chaos
+            if chaos is not None and chaos.rng.random() < chaos.rate:
+                kind = chaos.rng.choice(chaos.kinds)
+                chaos.injected[kind] += 1
+                return _Fault(kind, 1, None, seconds=chaos.hang_seconds)
         return None
 
     async def _sleep(self, seconds: float) -> None:
@@ -692,6 +752,8 @@ class _Command:
     refused: str | None = None
     # SCRIPT LOAD of a stripped script answers the full text's sha1.
     loaded_sha: bytes | None = None
+    # EVAL/EVALSHA: the sha1 of the script as the caller knows it (full text).
+    script_sha: str | None = None
 
 
 def _to_arg(value: object) -> bytes:
@@ -739,8 +801,10 @@ def _translate_scripts(command: _Command, scripts: _Scripts) -> None:
     if scripts.fakeredis and command.name in ("EVAL_RO", "EVALSHA_RO"):
         args[0] = args[0][: -len(b"_RO")]
     if command.name in ("EVAL", "EVAL_RO") and len(args) > 1:
+        command.script_sha = _sha1_hex(args[1]).decode()
         args[1] = scripts.strip(args[1])
     elif command.name in ("EVALSHA", "EVALSHA_RO") and len(args) > 1:
+        command.script_sha = args[1].decode(errors="replace").lower()
         args[1] = scripts.translate(args[1])
     elif command.name == "SCRIPT" and len(args) > 2:
         sub = args[1].upper()
@@ -945,7 +1009,7 @@ class Endpoint:
             return self._json({"error": str(exc)}, 400)
         self.stats.record_commands([c.name for c in commands])
 
-        fault = self.faults._take(commands[0].name)
+        fault = self.faults._take(commands[0])
         if fault is not None and fault.kind == "fail":
             return self._text(f"injected failure ({fault.status})", fault.status)
         if fault is not None and fault.kind == "hang":

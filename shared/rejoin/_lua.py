@@ -49,21 +49,25 @@ local function slide(ttl, keys)
     for _, k in ipairs(keys) do redis.call('PEXPIRE', k, ttl) end
   end
 end
--- Idempotency: a write carries an id; ids applied in the last RETENTION ms are
--- kept in a sorted set, so a retry of an applied write is recognised.
-local RETENTION = 900000
+-- Idempotency: a write carries an operation id, recorded with the write (and,
+-- where the answer matters, with its answer) for `keep` ms, so a retry of an
+-- applied write (its answer lost) is recognised and answered as the first
+-- try was. Retries come from the client while the caller still waits, so
+-- `keep` only has to outlast the caller's timeout and retries.
 local function seen(ops, op)
   return op ~= '' and redis.call('ZSCORE', ops, op) ~= false
 end
-local function remember(ops, results, op, now)
+local function remember(ops, results, op, now, keep, answer)
   if op == '' then return end
   redis.call('ZADD', ops, now, op)
-  local old = redis.call('ZRANGEBYSCORE', ops, '-inf', now - RETENTION, 'LIMIT', 0, 100)
+  if answer then redis.call('HSET', results, op, answer) end
+  local old = redis.call('ZRANGEBYSCORE', ops, '-inf', now - keep, 'LIMIT', 0, 100)
   if #old > 0 then
     redis.call('ZREM', ops, unpack(old))
     redis.call('HDEL', results, unpack(old))
   end
-  redis.call('PEXPIRE', ops, RETENTION)
+  redis.call('PEXPIRE', ops, keep)
+  redis.call('PEXPIRE', results, keep)
 end
 -- An item is corrupt when it is not JSON, as the SDK's backends judge it.
 -- cjson refuses lone UTF-16 surrogate escapes that Python's json accepts,

@@ -60,7 +60,6 @@ from .errors import (
 from .frames import ended_frame
 from .observability import bind, count, logger, unbind
 from .rooms import RoomStore
-from .routes import rooms_for
 from .runtime import Runtime, get_runtime
 from .sender import ConnectionSender, broadcast
 from .tokens import mint_token
@@ -844,9 +843,7 @@ async def post_session(
     spec = body or CreateSessionRequest()
     session_id = spec.session_id or new_session_id()
     bind(session_id=session_id)
-    created = await create_session(
-        rooms_for(rt), session_id, mode=spec.mode or rt.settings.reply_mode
-    )
+    created = await create_session(rt.rooms(), session_id, mode=spec.mode or rt.settings.reply_mode)
     if created.created:
         count("SessionsCreatedByApi")
         logger.info("session created", extra={"epoch": created.epoch})
@@ -935,7 +932,7 @@ async def get_session(
 ) -> SessionStatus:
     """A session's status."""
     bind(session_id=session_id)
-    status = await session_status(rooms_for(rt), session_id)
+    status = await session_status(rt.rooms(), session_id)
     if status is None:
         raise _not_found(session_id)
     return status
@@ -956,7 +953,7 @@ async def get_transcript(
 ) -> Transcript:
     """A session's transcript."""
     bind(session_id=session_id)
-    found = await transcript(rooms_for(rt), session_id)
+    found = await transcript(rt.rooms(), session_id)
     if found is None:
         raise _not_found(session_id)
     return found
@@ -984,7 +981,7 @@ async def delete_session(session_id: SessionIdPath, rt: RuntimeDep) -> Response:
     """End a session."""
     bind(session_id=session_id)
     sender = rt.sender()  # before deleting: unconfigured, nobody would be told
-    if await end_session(rooms_for(rt), sender, session_id) is None:
+    if await end_session(rt.rooms(), sender, session_id) is None:
         raise _not_found(session_id)
     return Response(status_code=204)
 

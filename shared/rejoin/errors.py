@@ -32,6 +32,7 @@ __all__ = [
     "TokenExpired",
     "TokenInvalid",
     "TokenMissing",
+    "TokenRevoked",
     "TokenWrongSession",
     "TurnBusy",
 ]
@@ -112,6 +113,12 @@ class TokenWrongSession(AuthError):
     status = 403
 
 
+class TokenRevoked(AuthError):
+    """The token was revoked: its session was ended, or its participant removed."""
+
+    status = 403
+
+
 # --- client frames ----------------------------------------------------------
 
 
@@ -133,10 +140,10 @@ class FrameError(RejoinError):
 
 
 class RateLimited(FrameError):
-    """The participant sent more messages than the rate limit allows."""
+    """The connection or participant sent more frames than the rate limit allows."""
 
     def __init__(self, retry_after: float) -> None:
-        super().__init__("rate_limited", f"too many messages; retry in {retry_after:.1f} s")
+        super().__init__("rate_limited", f"too many frames; retry in {retry_after:.1f} s")
         self.retry_after = retry_after
 
 

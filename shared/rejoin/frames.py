@@ -35,13 +35,17 @@ __all__ = [
     "Ping",
     "Resume",
     "Say",
+    "Stop",
     "ack_frame",
     "agent_delta_frame",
     "encode_frame",
     "ended_frame",
     "error_frame",
+    "left_frame",
     "parse_frame",
     "pong_frame",
+    "replay_frame",
+    "stopping_frame",
 ]
 
 DEFAULT_MAX_TEXT = 4000
@@ -50,7 +54,7 @@ DEFAULT_MAX_BYTES = 32 * 1024
 MAX_SEQ = 2**53 - 1
 
 _CLIENT_ID = re.compile(r"[A-Za-z0-9_:.-]{1,64}")
-_ACTIONS = ("resume", "say", "ping", "leave")
+_ACTIONS = ("resume", "say", "ping", "leave", "stop")
 
 _MODEL_CONFIG = ConfigDict(strict=True, extra="ignore", frozen=True)
 
@@ -122,13 +126,27 @@ class Leave(BaseModel):
     action: Literal["leave"] = "leave"
 
 
-ClientFrame = Resume | Say | Ping | Leave
+class Stop(BaseModel):
+    """``stop``: interrupt the agent's running turn.
+
+    Attributes:
+        turn: the turn to stop (``agent_delta.turn``); any running turn when absent.
+    """
+
+    model_config = _MODEL_CONFIG
+
+    action: Literal["stop"] = "stop"
+    turn: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_:.-]{1,64}$")] | None = None
+
+
+ClientFrame = Resume | Say | Ping | Leave | Stop
 
 _MODELS: dict[str, type[BaseModel]] = {
     "resume": Resume,
     "say": Say,
     "ping": Ping,
     "leave": Leave,
+    "stop": Stop,
 }
 
 
@@ -142,6 +160,7 @@ def _rules(max_text: int) -> dict[tuple[str, str], str]:
         ("resume", "last_seq"): f"last_seq must be an integer from 0 to {MAX_SEQ}",
         ("say", "id"): "id must be a string of 1-64 characters of A-Za-z0-9_-:.",
         ("say", "text"): _text_rule(max_text),
+        ("stop", "turn"): "turn must be null or 1-64 characters of A-Za-z0-9_-:.",
     }
 
 
@@ -159,8 +178,8 @@ def parse_frame(
         max_bytes: the most bytes (UTF-8) a frame may have.
 
     Returns:
-        The frame, as a :class:`Resume`, :class:`Say`, :class:`Ping` or
-        :class:`Leave`.
+        The frame, as a :class:`Resume`, :class:`Say`, :class:`Ping`,
+        :class:`Leave` or :class:`Stop`.
 
     Raises:
         FrameError: with code ``too_large`` (over ``max_bytes``, checked
@@ -186,7 +205,7 @@ def parse_frame(
         frame = model.model_validate(data, context={"max_text": max_text})
     except ValidationError as exc:
         _raise_invalid(action, data, exc, max_text)
-    assert isinstance(frame, Resume | Say | Ping | Leave)
+    assert isinstance(frame, Resume | Say | Ping | Leave | Stop)
     return frame
 
 
@@ -293,9 +312,24 @@ def ack_frame(client_id: str, seq: int, duplicate: bool) -> dict[str, Any]:
     return {"type": "ack", "id": client_id, "seq": seq, "duplicate": duplicate}
 
 
-def agent_delta_frame(turn: str, index: int, text: str) -> dict[str, Any]:
+def agent_delta_frame(turn: str, index: int, text: str, reply_to: int) -> dict[str, Any]:
     """Build an ``agent_delta`` frame: piece ``index`` (from 0) of turn ``turn``'s reply."""
-    return {"type": "agent_delta", "turn": turn, "index": index, "text": text}
+    return {"type": "agent_delta", "turn": turn, "reply_to": reply_to, "index": index, "text": text}
+
+
+def left_frame(seq: int | None) -> dict[str, Any]:
+    """Build a ``left`` frame: the ``leave`` was applied (``seq`` of its presence event)."""
+    return {"type": "left", "seq": seq}
+
+
+def replay_frame(events: list[dict[str, Any]], more: bool) -> dict[str, Any]:
+    """Build a ``replay`` frame: the next page of a ``welcome``'s backlog."""
+    return {"type": "replay", "events": events, "more": more}
+
+
+def stopping_frame(turn: str | None, running: bool) -> dict[str, Any]:
+    """Build a ``stopping`` frame: the answer to ``stop``."""
+    return {"type": "stopping", "turn": turn, "running": running}
 
 
 def ended_frame(reason: str) -> dict[str, Any]:

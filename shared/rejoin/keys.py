@@ -92,13 +92,32 @@ class SessionKeys:
         return self._key("events")
 
     @property
+    def rate(self) -> str:
+        """Hash of rate-limit windows, per connection and per participant."""
+        return self._key("rate")
+
+    @property
+    def departed(self) -> str:
+        """Hash of recently closed connections (so a late ``leave`` still wins)."""
+        return self._key("departed")
+
+    @property
+    def revoked(self) -> str:
+        """Hash of token revocations: ``*`` (session ended) and ``u:<user>`` (removed).
+
+        It is the one key that outlives the session on purpose: it expires on
+        its own once every token it revokes has expired.
+        """
+        return self._key("revoked")
+
+    @property
     def store(self) -> tuple[str, str, str, str]:
         """The keys the session store's scripts touch, in KEYS order."""
         return (self.items, self.ops, self.results, self.meta)
 
     @property
     def all(self) -> tuple[str, ...]:
-        """Every key of the session, for deletion."""
+        """Every key of the session's data, for deletion (not :attr:`revoked`)."""
         return (
             self.items,
             self.ops,
@@ -107,4 +126,11 @@ class SessionKeys:
             self.connections,
             self.participants,
             self.events,
+            self.rate,
+            self.departed,
         )
+
+    @property
+    def room(self) -> tuple[str, ...]:
+        """The keys the room scripts touch, in KEYS order: :attr:`all`, then :attr:`revoked`."""
+        return (*self.all, self.revoked)

@@ -50,15 +50,21 @@ SERVICE = os.environ.get("POWERTOOLS_SERVICE_NAME") or "rejoin"
 # docs/observability.md lists the same; tests check that both agree with the code.
 METRICS: dict[str, str] = {
     "Connects": "a $connect accepted (token valid for the session)",
-    "RefusedConnects": "a $connect refused: missing, expired, forged or wrong-session token",
+    "RefusedConnects": "a $connect refused: missing, expired, forged, revoked or "
+    "wrong-session token",
     "Joins": "an accepted $connect into an existing session (same epoch, history kept): "
     "a second participant, another tab, or a return",
     "Resumes": "an accepted $connect that brought a session back from its grace period",
     "RecoveredReplays": "a resume frame answered with exactly the events the client missed",
-    "Messages": "a say frame accepted (stored, broadcast, and queued for a turn)",
-    "RateLimitedFrames": "a say frame refused by the per-participant rate limit",
+    "Messages": "a say frame accepted (stored, broadcast, and queued for a turn if it asks one)",
+    "RateLimitedFrames": "a frame (of any kind) refused by the per-connection or "
+    "per-participant rate limit",
+    "TurnsNotQueued": "a say stored and broadcast whose agent turn could not be queued "
+    "(the client is told; resending the same say queues it)",
     "Turns": "an agent turn committed (reply stored and broadcast)",
-    "TurnFailures": "an agent turn that failed and was rolled back (SQS retries it)",
+    "TurnsStopped": "an agent turn stopped by a participant (partial answer kept)",
+    "StopRequests": "a stop frame accepted",
+    "TurnFailures": "an agent turn that failed; it wrote nothing (SQS retries it)",
     "TurnsDropped": "a turn discarded because its session was gone (expired or replaced)",
     "TurnsBusy": "a turn delivered while another turn of its session held the lease "
     "(SQS redelivers it later)",

@@ -15,7 +15,7 @@ import json
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from .errors import RejoinError
@@ -23,7 +23,6 @@ from .errors import RejoinError
 __all__ = [
     "InMemoryTurnQueue",
     "SqsTurnQueue",
-    "TurnInput",
     "TurnQueue",
     "TurnRequest",
     "dedup_id",
@@ -32,48 +31,35 @@ __all__ = [
 
 
 @dataclass(frozen=True)
-class TurnInput:
-    """One participant message that a turn brings to the agent."""
-
-    user: str
-    name: str
-    text: str
-    seq: int
-    id: str
-
-
-@dataclass(frozen=True)
 class TurnRequest:
     """One agent turn, as queued.
+
+    The message that asks for it is already in the agent's history (the
+    ``say`` transition put it there), so the turn carries only where it stands.
 
     Attributes:
         session_id: the session the turn belongs to.
         epoch: the session's epoch when the message was sent; a turn for
             another epoch (the session expired or was replaced) writes nothing.
-        turn_id: the client message id that caused the turn; also the id of
-            the agent's reply and the turn's idempotency key.
-        respond: whether the agent answers, or the message only joins its
-            history (meeting mode, message not addressed to the agent).
-        input: the message(s), in order.
+        turn_id: the turn's id, unique in the epoch (the message's seq); also
+            its idempotency key.
+        reply_to: the seq of the message the agent answers.
     """
 
     session_id: str
     epoch: str
     turn_id: str
-    respond: bool
-    input: tuple[TurnInput, ...]
+    reply_to: int
 
     def to_json(self) -> str:
-        """Encode as the queue message body (version 1)."""
-        body = asdict(self)
+        """Encode as the queue message body (version 2)."""
         return json.dumps(
             {
-                "v": 1,
-                "session": body["session_id"],
-                "epoch": body["epoch"],
-                "turn": body["turn_id"],
-                "respond": body["respond"],
-                "input": body["input"],
+                "v": 2,
+                "session": self.session_id,
+                "epoch": self.epoch,
+                "turn": self.turn_id,
+                "reply_to": self.reply_to,
             },
             separators=(",", ":"),
         )
@@ -83,42 +69,39 @@ class TurnRequest:
         """Decode a queue message body.
 
         Raises:
-            RejoinError: the body is not a version-1 turn.
+            RejoinError: the body is not a version-2 turn.
         """
         try:
             body = json.loads(raw)
-            if body.get("v") != 1:
+            if body.get("v") != 2:
                 raise ValueError(f"unsupported version {body.get('v')!r}")
+            reply_to = body["reply_to"]
+            if isinstance(reply_to, bool) or not isinstance(reply_to, int):
+                raise ValueError("reply_to must be an integer")
             return cls(
                 session_id=str(body["session"]),
                 epoch=str(body["epoch"]),
                 turn_id=str(body["turn"]),
-                respond=bool(body["respond"]),
-                input=tuple(
-                    TurnInput(
-                        user=str(i["user"]),
-                        name=str(i["name"]),
-                        text=str(i["text"]),
-                        seq=int(i["seq"]),
-                        id=str(i["id"]),
-                    )
-                    for i in body["input"]
-                ),
+                reply_to=reply_to,
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise RejoinError(f"malformed turn message: {exc}") from None
 
 
-def dedup_id(session_id: str, turn_id: str) -> str:
-    """The SQS deduplication id of a turn (at most 128 characters, always)."""
-    return hashlib.sha256(f"{session_id}\0{turn_id}".encode()).hexdigest()
+def dedup_id(session_id: str, epoch: str, turn_id: str) -> str:
+    """The SQS deduplication id of a turn (at most 128 characters, always).
+
+    The epoch is part of it: a session recreated within SQS's five-minute
+    deduplication window reuses turn ids, and its turns must not be dropped.
+    """
+    return hashlib.sha256(f"{session_id}\0{epoch}\0{turn_id}".encode()).hexdigest()
 
 
 class TurnQueue(Protocol):
     """Where the message route puts turns for the worker."""
 
     async def enqueue(self, turn: TurnRequest) -> None:
-        """Queue a turn; queueing the same (session, turn id) twice is a no-op."""
+        """Queue a turn; queueing the same (session, epoch, turn id) twice is a no-op."""
         ...
 
     async def retry_later(self, deliveries: list[tuple[str, int]]) -> None:
@@ -154,7 +137,7 @@ class SqsTurnQueue:
             QueueUrl=self.queue_url,
             MessageBody=turn.to_json(),
             MessageGroupId=turn.session_id,
-            MessageDeduplicationId=dedup_id(turn.session_id, turn.turn_id),
+            MessageDeduplicationId=dedup_id(turn.session_id, turn.epoch, turn.turn_id),
         )
 
     async def retry_later(self, deliveries: list[tuple[str, int]]) -> None:
@@ -195,7 +178,7 @@ class InMemoryTurnQueue:
 
     async def enqueue(self, turn: TurnRequest) -> None:
         """Queue a turn unless the same one was queued in the last 5 minutes."""
-        key = dedup_id(turn.session_id, turn.turn_id)
+        key = dedup_id(turn.session_id, turn.epoch, turn.turn_id)
         now = self.clock()
         with self._lock:
             seen_at = self._seen.get(key)
@@ -239,7 +222,7 @@ def sqs_event(turns: list[TurnRequest], *, receive_count: int = 1) -> dict[str, 
     for n, turn in enumerate(turns):
         records.append(
             {
-                "messageId": f"{dedup_id(turn.session_id, turn.turn_id)[:32]}-{n}",
+                "messageId": f"{dedup_id(turn.session_id, turn.epoch, turn.turn_id)[:32]}-{n}",
                 "receiptHandle": f"rh-{turn.turn_id}",
                 "body": turn.to_json(),
                 "attributes": {
@@ -248,7 +231,7 @@ def sqs_event(turns: list[TurnRequest], *, receive_count: int = 1) -> dict[str, 
                     "SequenceNumber": str(10**19 + n),
                     "MessageGroupId": turn.session_id,
                     "SenderId": "local",
-                    "MessageDeduplicationId": dedup_id(turn.session_id, turn.turn_id),
+                    "MessageDeduplicationId": dedup_id(turn.session_id, turn.epoch, turn.turn_id),
                     "ApproximateFirstReceiveTimestamp": str(int(time.time() * 1000)),
                 },
                 "messageAttributes": {},

@@ -1,19 +1,27 @@
 """Room state: connections, participants, presence, grace, the event log, turns.
 
-Every transition is one Lua script over the session's hash-tagged keys (plus
-the two global indexes below), so it is atomic and costs one Upstash request.
-Time comes from the injected clock and is passed to the scripts, so the
-two-minute grace is testable in milliseconds.
+Every transition is one Lua script over the session's hash-tagged keys, so it
+is atomic and costs one request. Time comes from the injected clock and is
+passed to the scripts, so the two-minute grace is testable in milliseconds.
 
-Global keys (outside any session's hash tag, named in KEYS like every key):
+**Every transition remembers its outcome.** A call carries a fresh operation
+id; the script stores its answer under that id, with its effect, in the same
+atomic step. ``upstash-redis`` retries a request whose answer was lost without
+knowing whether it was applied: the retry carries the same id and gets the
+first answer back, unchanged, so a retried ``say`` is delivered once, a
+retried ``begin_turn`` gets its own lease and a retried ``$disconnect`` still
+tells the others. Answers are JSON text, stored and returned byte for byte.
+Reads that may be large (``resume``'s backlog, ``begin_turn``'s history) keep a
+small record instead and re-read up to the same point.
 
-* ``<prefix>:grace`` - sorted set of sessions in grace, scored by deadline
-  (ms). The cleanup reads it in batches instead of scanning the database.
-* ``<prefix>:activity`` - sorted set of connection ids, scored by their last
-  activity (ms). A connection whose ``$disconnect`` was lost stops moving
-  here, so the cleanup finds it.
-* ``<prefix>:conn:<connection id>`` - the session a connection belongs to
-  (events other than ``$connect`` carry only the connection id).
+**One global key**, ``<prefix>:schedule``: a sorted set of session ids scored
+by when the cleanup should next look at the session (its grace deadline, or
+when one of its connections could have gone stale). Scripts touch it only
+when a session starts, goes into grace, or is visited. On a Redis Cluster a
+script cannot name it next to the session's keys; there the store is built
+with ``index_in_script=False`` and applies the index changes the script
+returns in a second request (idempotent, and the cleanup re-checks every
+session it visits).
 """
 
 from __future__ import annotations
@@ -22,99 +30,226 @@ import json
 import secrets
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ._lua import RedisClient, Script
-from .errors import NotInSession, NotJoined, RoomError
+from .errors import NotInSession, NotJoined, RateLimited, RoomError, TokenExpired, TokenRevoked
 from .keys import SessionKeys
 
 __all__ = [
     "Departure",
     "Joined",
+    "Kicked",
     "RoomStore",
     "Said",
-    "SweepOutcome",
     "TurnStart",
+    "Visit",
     "new_epoch",
 ]
 
+# KEYS of every room script: SessionKeys.room (the session's data keys, then
+# its revocations), then the schedule when the caller passes it.
+# ARGV[1] now (ms), ARGV[2] operation id ('' for none), ARGV[3] settings JSON.
 _PRELUDE = """
+local items, ops, results, meta, conns, users, events, rate, departed, revoked =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10]
+local schedule = KEYS[11]
+local now, op = tonumber(ARGV[1]), ARGV[2]
+local cfg = cjson.decode(ARGV[3])
+local index = {}
+-- The schedule index, or (no such key: a cluster) a note for the caller to apply.
+local function index_set(sid, at)
+  if schedule then redis.call('ZADD', schedule, at, sid) else index[#index + 1] = at end
+end
+local function index_del(sid)
+  if schedule then redis.call('ZREM', schedule, sid) else index[#index + 1] = -1 end
+end
 local function decode_or_nil(raw)
   if not raw then return nil end
   return cjson.decode(raw)
 end
+-- A JSON object from scalar fields and fields already JSON (events, lists).
+local function answer(fields, raw)
+  if #index > 0 then fields.index = index end
+  local s = cjson.encode(fields)
+  for k, v in pairs(raw or {}) do
+    local piece = '"' .. k .. '":' .. v
+    if s == '{}' then
+      s = '{' .. piece .. '}'
+    else
+      s = string.sub(s, 1, -2) .. ',' .. piece .. '}'
+    end
+  end
+  return s
+end
+local function json_list(strings)
+  local quoted = {}
+  for i, v in ipairs(strings) do quoted[i] = cjson.encode(v) end
+  return '[' .. table.concat(quoted, ',') .. ']'
+end
+local function raw_list(jsons)
+  return '[' .. table.concat(jsons, ',') .. ']'
+end
+-- The answer of an operation already applied, if this is its retry.
+local function replay()
+  if op == '' then return nil end
+  return redis.call('HGET', results, op) or nil
+end
+-- Records the answer with the effect; returns it.
+local function done(s)
+  remember(ops, results, op, now, cfg.keep, s)
+  return s
+end
+-- Refusals change nothing, so they are not recorded: a retry is refused again
+-- (or, if what refused it has changed meanwhile, applied once).
+local function fail(code, extra)
+  local f = extra or {}
+  f.err = code
+  return answer(f)
+end
 -- Appends an event with the next sequence number; returns its JSON.
-local function append_event(meta, events, ev, cap)
+local function append_event(ev)
   ev.seq = redis.call('HINCRBY', meta, 'seq', 1)
   local raw = cjson.encode(ev)
   redis.call('RPUSH', events, raw)
-  redis.call('LTRIM', events, -cap, -1)
+  redis.call('LTRIM', events, -cfg.cap, -1)
   return raw
 end
 -- Connections that asked to receive events (sent `resume`).
-local function ready_conns(conns, except)
+local function ready_conns(except)
   local out = {}
   local all = redis.call('HGETALL', conns)
   for i = 1, #all, 2 do
-    if all[i] ~= except and cjson.decode(all[i + 1]).ready == 1 then
-      out[#out + 1] = all[i]
-    end
+    if all[i] ~= except and cjson.decode(all[i + 1]).ready == 1 then out[#out + 1] = all[i] end
   end
   return out
 end
--- Removes one connection; returns its record and a presence event (or false).
-local function drop_conn(conns, users, meta, events, conn, left, now, cap)
+-- A sliding window over two fixed windows, as upstash-ratelimit's: returns
+-- the ms to wait, or nil (and counts the frame) when under the limit.
+local function window(field)
+  local w = math.floor(now / cfg.rw)
+  local raw = redis.call('HGET', rate, field)
+  local pw, prev, cur = -2, 0, 0
+  if raw then
+    local a, b, c = string.match(raw, '^(%-?%d+):(%d+):(%d+)$')
+    pw, prev, cur = tonumber(a), tonumber(b), tonumber(c)
+  end
+  if pw == w - 1 then prev, cur = cur, 0 elseif pw ~= w then prev, cur = 0, 0 end
+  return w, prev, cur
+end
+local function wait_for(prev, cur)
+  local elapsed = now % cfg.rw
+  if cur + 1 > cfg.rl or prev == 0 then return cfg.rw - elapsed end
+  -- The previous window's share decays linearly: wait until it leaves room.
+  local t = cfg.rw - (cfg.rl - cur - 1) * cfg.rw / prev
+  return math.max(1, math.ceil(t - elapsed))
+end
+local function over_limit(conn, user)
+  if cfg.rl <= 0 then return nil end
+  local fields = {'c:' .. conn, 'u:' .. user}
+  local state = {}
+  for i, f in ipairs(fields) do
+    local w, prev, cur = window(f)
+    local elapsed = now % cfg.rw
+    if prev * (cfg.rw - elapsed) / cfg.rw + cur + 1 > cfg.rl then return wait_for(prev, cur) end
+    state[i] = {w, prev, cur}
+  end
+  for i, f in ipairs(fields) do
+    local s = state[i]
+    redis.call('HSET', rate, f, s[1] .. ':' .. s[2] .. ':' .. (s[3] + 1))
+  end
+  redis.call('PEXPIRE', rate, cfg.rw * 2)
+  return nil
+end
+-- A connection's record, or an error answer for a frame from it.
+local function frame_conn(conn)
   local rec = decode_or_nil(redis.call('HGET', conns, conn))
-  if not rec then return nil, false end
+  if not rec then return nil, fail('not_in_session') end
+  if rec.exp and rec.exp <= now then return nil, fail('token_expired') end
+  local r = redis.call('HMGET', revoked, '*', 'u:' .. rec.user)
+  if (r[1] and tonumber(r[1]) >= rec.iat) or (r[2] and tonumber(r[2]) >= rec.iat) then
+    return nil, fail('revoked')
+  end
+  local wait = over_limit(conn, rec.user)
+  if wait then return nil, fail('rate_limited', {retry_after_ms = wait}) end
+  return rec, nil
+end
+-- Removes one connection; returns its record and the presence event (or nil).
+-- `status` is what the participant becomes if this was their last connection.
+local function drop_conn(conn, status)
+  local rec = decode_or_nil(redis.call('HGET', conns, conn))
+  if not rec then return nil, nil end
   redis.call('HDEL', conns, conn)
+  redis.call('HDEL', rate, 'c:' .. conn)
   local p = decode_or_nil(redis.call('HGET', users, rec.user))
-  if not p then return rec, false end
+  if not p then return rec, nil end
   p.conns = math.max(0, p.conns - 1)
-  local ev = false
-  if p.conns == 0 then
-    local status = left and 'left' or 'away'
-    if p.status ~= status then
-      p.status = status
-      ev = append_event(meta, events,
-        {type = 'presence', user = rec.user, name = p.name, status = status, ts = now}, cap)
-    end
+  local ev = nil
+  if p.conns == 0 and p.status ~= status then
+    p.status = status
+    ev = append_event({type = 'presence', user = rec.user, name = p.name, status = status,
+      ts = now})
   end
   redis.call('HSET', users, rec.user, cjson.encode(p))
   return rec, ev
 end
--- Starts grace when the last connection is gone.
-local function maybe_grace(conns, meta, grace, sid, now, grace_ms)
-  if redis.call('HLEN', conns) > 0 then return false end
-  local deadline = now + grace_ms
+-- A departed connection is remembered a while, so a `leave` that lost the race
+-- against its own $disconnect still turns `away` into `left`.
+local function note_departed(conn, user)
+  redis.call('HSET', departed, conn, user .. ' ' .. now)
+  local all = redis.call('HGETALL', departed)
+  for i = 1, #all, 2 do
+    local at = tonumber(string.match(all[i + 1], ' (%d+)$'))
+    if at < now - 300000 then redis.call('HDEL', departed, all[i]) end
+  end
+end
+-- Starts grace when the last connection is gone; returns the deadline or nil.
+local function maybe_grace(sid)
+  if redis.call('HLEN', conns) > 0 then return nil end
+  local deadline = now + cfg.grace
   redis.call('HSET', meta, 'deadline', deadline)
-  redis.call('ZADD', grace, deadline, sid)
+  index_set(sid, deadline + cfg.skew)
   return deadline
+end
+local function wipe()
+  redis.call('DEL', items, ops, results, meta, conns, users, events, rate, departed)
+end
+local function participants()
+  local out = {}
+  local all = redis.call('HGETALL', users)
+  for i = 1, #all, 2 do
+    local p = cjson.decode(all[i + 1])
+    out[#out + 1] = cjson.encode({user = all[i], name = p.name, status = p.status})
+  end
+  return raw_list(out)
 end
 """
 
-# KEYS: the seven session keys (SessionKeys.all order), grace, activity, conn.
-_SESSION_KEYS = """
-local items, ops, results, meta, conns, users, events =
-  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
-"""
 
-_CONNECT = Script(
+def _script(name: str, body: str) -> Script:
+    return Script(name, _PRELUDE + body)
+
+
+_CONNECT = _script(
     "connect",
-    _PRELUDE
-    + _SESSION_KEYS
-    + """
-local grace, activity, connkey = KEYS[8], KEYS[9], KEYS[10]
-local now, sid, new_epoch, conn = tonumber(ARGV[1]), ARGV[2], ARGV[3], ARGV[4]
-local user, name, mode, cap, conn_ttl = ARGV[5], ARGV[6], ARGV[7], tonumber(ARGV[8]), ARGV[9]
-local previous = redis.call('GET', connkey)
+    """
+local again = replay()
+if again then return again end
+local sid, new_epoch, conn, user, name = ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8]
+local mode, iat, exp = ARGV[9], tonumber(ARGV[10]), tonumber(ARGV[11])
+-- Refusals change nothing and are not recorded: a retry gives the same refusal.
+local r = redis.call('HMGET', revoked, '*', 'u:' .. user)
+if (r[1] and tonumber(r[1]) >= iat) or (r[2] and tonumber(r[2]) >= iat) then
+  return fail('revoked')
+end
 local m = redis.call('HMGET', meta, 'epoch', 'deadline', 'joined')
-local fresh = false
+local fresh, from_grace = false, false
 if not m[1] then
   fresh = true
 elseif m[2] and tonumber(m[2]) <= now then
   -- Expired but not swept yet: the old session is unreachable from its deadline on.
-  redis.call('DEL', items, ops, results, meta, conns, users, events)
+  wipe()
   fresh = true
 end
 if fresh then
@@ -122,252 +257,437 @@ if fresh then
   m[3] = false
 elseif m[2] then
   redis.call('HDEL', meta, 'deadline')
+  from_grace = true
 end
-redis.call('ZREM', grace, sid)
+if fresh or m[2] then index_set(sid, now + cfg.idle) end
 redis.call('HSET', meta, 'joined', 1)
--- A connection id seen again (API Gateway reuses nothing, but a lost
--- $disconnect can leave a record behind): drop the old record first.
-drop_conn(conns, users, meta, events, conn, false, now, cap)
+local resumed = (m[3] == '1') and 1 or 0
 redis.call('HSET', conns, conn, cjson.encode({user = user, name = name, ready = 0, at = now,
-  resumed = (m[3] == '1') and 1 or 0}))
-redis.call('ZADD', activity, now, conn)
-redis.call('SET', connkey, sid .. ' ' .. user, 'PX', conn_ttl)
+  iat = iat, exp = exp, resumed = resumed}))
 local p = decode_or_nil(redis.call('HGET', users, user)) or {status = 'new', conns = 0}
-local ev = false
+local ev = 'null'
 p.conns = p.conns + 1
 p.name = name
 if p.status ~= 'active' then
   p.status = 'active'
-  ev = append_event(meta, events,
-    {type = 'presence', user = user, name = name, status = 'active', ts = now}, cap)
+  ev = append_event({type = 'presence', user = user, name = name, status = 'active', ts = now})
 end
 redis.call('HSET', users, user, cjson.encode(p))
 local epoch = redis.call('HGET', meta, 'epoch')
-return {epoch, (m[3] == '1') and 1 or 0, ev, ready_conns(conns, conn), previous,
-  (not fresh and m[2]) and 1 or 0}
+return done(answer({epoch = epoch, resumed = resumed, from_grace = from_grace},
+  {event = ev, recipients = json_list(ready_conns(conn))}))
 """,
 )
 
-_RESUME = Script(
+# Resume answers with the backlog, which can be large: its record keeps only
+# where the backlog ended, and a retry re-reads the log up to there.
+_RESUME = _script(
     "resume",
-    _PRELUDE
-    + _SESSION_KEYS
-    + """
-local activity = KEYS[8]
-local now, conn, epoch, last_seq = tonumber(ARGV[1]), ARGV[2], ARGV[3], tonumber(ARGV[4])
-local rec = decode_or_nil(redis.call('HGET', conns, conn))
-if not rec then return false end
+    """
+local conn, epoch, last_seq = ARGV[4], ARGV[5], tonumber(ARGV[6])
+local upto = nil
+local again = replay()
+if again then
+  upto = cjson.decode(again)
+  if upto.err then return again end
+  upto = upto.seq
+end
+local rec = nil
+if not upto then
+  local err
+  rec, err = frame_conn(conn)
+  if not rec then return err end
+  rec.ready = 1
+  rec.at = now
+  redis.call('HSET', conns, conn, cjson.encode(rec))
+else
+  rec = decode_or_nil(redis.call('HGET', conns, conn))
+  if not rec then return fail('not_in_session') end
+end
 local m = redis.call('HMGET', meta, 'epoch', 'seq', 'mode')
 local seq = tonumber(m[2])
-local first = seq - redis.call('LLEN', events) + 1
-local recovered, evs = 0, {}
+if upto then seq = upto end
+local kept = redis.call('LLEN', events)
+local first = tonumber(m[2]) - kept + 1
+local recovered, lo = 0, 0
 if epoch == m[1] and last_seq >= first - 1 and last_seq <= seq then
   recovered = 1
-  evs = redis.call('LRANGE', events, last_seq - first + 1, -1)
-else
-  evs = redis.call('LRANGE', events, 0, -1)
+  lo = last_seq - first + 1
 end
-rec.ready = 1
-redis.call('HSET', conns, conn, cjson.encode(rec))
-redis.call('ZADD', activity, now, conn)
-return {m[1], seq, recovered, evs, redis.call('HGETALL', users), m[3], cjson.encode(rec)}
-""",
-)
-
-_SAY = Script(
-    "say",
-    _PRELUDE
-    + _SESSION_KEYS
-    + """
-local activity = KEYS[8]
-local now, conn, id, text, cap = tonumber(ARGV[1]), ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
-local rec = decode_or_nil(redis.call('HGET', conns, conn))
-if not rec then return {-2} end
-if rec.ready ~= 1 then return {-1} end
-redis.call('ZADD', activity, now, conn)
-local m = redis.call('HMGET', meta, 'epoch', 'mode', 'm:' .. id)
-if m[3] then return {0, tonumber(m[3]), false, {}, m[1], m[2], cjson.encode(rec)} end
-local ev = append_event(meta, events,
-  {type = 'message', id = id, user = rec.user, name = rec.name, text = text, ts = now}, cap)
-local seq = redis.call('HGET', meta, 'seq')
--- Message ids live as long as the session: a resent message is a no-op.
-redis.call('HSET', meta, 'm:' .. id, seq)
-return {1, tonumber(seq), ev, ready_conns(conns, ''), m[1], m[2], cjson.encode(rec)}
-""",
-)
-
-_TOUCH = Script(
-    "touch",
-    """
-local conns, activity, conn, now = KEYS[1], KEYS[2], ARGV[1], ARGV[2]
-if redis.call('HEXISTS', conns, conn) == 0 then return 0 end
-redis.call('ZADD', activity, now, conn)
-return 1
-""",
-)
-
-_DISCONNECT = Script(
-    "disconnect",
-    _PRELUDE
-    + _SESSION_KEYS
-    + """
-local grace, activity, connkey = KEYS[8], KEYS[9], KEYS[10]
-local now, sid, conn, left = tonumber(ARGV[1]), ARGV[2], ARGV[3], ARGV[4] == '1'
-local grace_ms, cap = tonumber(ARGV[5]), tonumber(ARGV[6])
--- The id may have moved to another session since (a reused id): leave that alone.
-local owner = redis.call('GET', connkey)
-if not owner or string.sub(owner, 1, #sid + 1) == sid .. ' ' then
-  redis.call('ZREM', activity, conn)
-  redis.call('DEL', connkey)
-end
-local rec, ev = drop_conn(conns, users, meta, events, conn, left, now, cap)
-if not rec then return {0} end
-local deadline = maybe_grace(conns, meta, grace, sid, now, grace_ms)
-return {1, ev, ready_conns(conns, ''), deadline, rec.user}
-""",
-)
-
-_SWEEP = Script(
-    "sweep",
-    _SESSION_KEYS
-    + """
-local grace, now, sid = KEYS[8], tonumber(ARGV[1]), ARGV[2]
-local m = redis.call('HMGET', meta, 'epoch', 'deadline')
-if not m[1] then redis.call('ZREM', grace, sid); return 0 end
-if not m[2] or redis.call('HLEN', conns) > 0 then
-  -- Resumed since it was indexed: never delete it.
-  redis.call('ZREM', grace, sid)
-  return -1
-end
-if tonumber(m[2]) > now then
-  redis.call('ZADD', grace, m[2], sid)
-  return -2
-end
-redis.call('DEL', items, ops, results, meta, conns, users, events)
-redis.call('ZREM', grace, sid)
-return 1
-""",
-)
-
-_STATUS = Script(
-    "status",
-    _SESSION_KEYS
-    + """
-local now, with_events = tonumber(ARGV[1]), ARGV[2] == '1'
-local m = redis.call('HMGET', meta, 'epoch', 'deadline', 'created', 'mode', 'seq')
-if not m[1] or (m[2] and tonumber(m[2]) <= now) then return false end
+-- Negative LRANGE indexes count from the end: an empty range must stay empty.
 local evs = {}
-if with_events then evs = redis.call('LRANGE', events, 0, -1) end
-return {m[1], m[2], m[3], m[4], m[5], redis.call('HLEN', conns), redis.call('HGETALL', users), evs}
+if seq - first >= lo then evs = redis.call('LRANGE', events, lo, seq - first) end
+if not again then remember(ops, results, op, now, cfg.keep, cjson.encode({seq = seq})) end
+return answer({epoch = m[1], seq = seq, recovered = recovered, mode = m[3], log_start = first,
+  user = rec.user, name = rec.name, resumed = rec.resumed},
+  {events = raw_list(evs), participants = participants()})
 """,
 )
 
-_CREATE = Script(
+_SAY = _script(
+    "say",
+    """
+local again = replay()
+if again then return again end
+local conn, id, text, addressed = ARGV[4], ARGV[5], ARGV[6], ARGV[7] == '1'
+local rec, err = frame_conn(conn)
+if not rec then return err end
+if rec.ready ~= 1 then return fail('not_joined') end
+rec.at = now
+redis.call('HSET', conns, conn, cjson.encode(rec))
+local m = redis.call('HMGET', meta, 'epoch', 'mode', 'm:' .. rec.user .. ':' .. id)
+if m[3] then
+  -- The sender sent this id before (their own retry): it is a duplicate.
+  local prior = cjson.decode(m[3])
+  return done(answer({duplicate = true, seq = prior[1], turn = prior[2], epoch = m[1],
+    mode = m[2], user = rec.user, name = rec.name}))
+end
+local ev = append_event({type = 'message', id = id, user = rec.user, name = rec.name,
+  text = text, ts = now})
+local seq = tonumber(redis.call('HGET', meta, 'seq'))
+-- The agent answers every message, or in meeting mode those addressed to it.
+local turn = ''
+if m[2] == 'every' or addressed then turn = tostring(seq) end
+-- Message ids live as long as the session, per sender.
+redis.call('HSET', meta, 'm:' .. rec.user .. ':' .. id, cjson.encode({seq, turn}))
+-- The agent's history gets every message, in the room's order, as its own
+-- item with the speaker set here (from the token), never parsed from text.
+local content = '{"speaker":' .. cjson.encode({user = rec.user, name = rec.name}) ..
+  ',"seq":' .. seq .. ',"text":' .. cjson.encode(text) .. '}'
+redis.call('RPUSH', items, cjson.encode({role = 'user', content = content}))
+return done(answer({duplicate = false, seq = seq, turn = turn, epoch = m[1], mode = m[2],
+  user = rec.user, name = rec.name},
+  {event = ev, recipients = json_list(ready_conns(''))}))
+""",
+)
+
+_PING = _script(
+    "ping",
+    """
+local again = replay()
+if again then return again end
+local conn = ARGV[4]
+local rec, err = frame_conn(conn)
+if not rec then return err end
+rec.at = now
+redis.call('HSET', conns, conn, cjson.encode(rec))
+return done(answer({ts = now}))
+""",
+)
+
+# `leave` and `$disconnect`. A `leave` that arrives after its connection's
+# $disconnect (the client closes right after sending it) finds the connection
+# among the departed and still turns `away` into `left`.
+_DEPART = _script(
+    "depart",
+    """
+local again = replay()
+if again then return again end
+local sid, conn, leaving = ARGV[4], ARGV[5], ARGV[6] == '1'
+local status = leaving and 'left' or 'away'
+local rec = nil
+local ev = nil
+if leaving then
+  local r
+  r = decode_or_nil(redis.call('HGET', conns, conn))
+  if r then
+    local wait = over_limit(conn, r.user)
+    if wait then return fail('rate_limited', {retry_after_ms = wait}) end
+  end
+end
+rec, ev = drop_conn(conn, status)
+if not rec then
+  local gone = redis.call('HGET', departed, conn)
+  if not (leaving and gone) then return fail('not_in_session') end
+  local user = string.match(gone, '^(.-) %d+$')
+  local p = decode_or_nil(redis.call('HGET', users, user))
+  if p and p.conns == 0 and p.status == 'away' then
+    p.status = 'left'
+    redis.call('HSET', users, user, cjson.encode(p))
+    ev = append_event({type = 'presence', user = user, name = p.name, status = 'left', ts = now})
+  end
+  redis.call('HDEL', departed, conn)
+  return done(answer({user = user, seq = ev and cjson.decode(ev).seq or cjson.null},
+    {event = ev or 'null', recipients = json_list(ready_conns(''))}))
+end
+if not leaving then note_departed(conn, rec.user) end
+local deadline = maybe_grace(sid)
+return done(answer({user = rec.user, deadline = deadline or cjson.null,
+  seq = ev and cjson.decode(ev).seq or cjson.null},
+  {event = ev or 'null', recipients = json_list(ready_conns(''))}))
+""",
+)
+
+# The HTTP API removes a participant: their tokens issued until now are revoked
+# and their connections dropped (the caller closes them).
+_KICK = _script(
+    "kick",
+    """
+local again = replay()
+if again then return again end
+local sid, user, revoke_ms = ARGV[4], ARGV[5], tonumber(ARGV[6])
+if not redis.call('HGET', meta, 'epoch') then return fail('missing') end
+redis.call('HSET', revoked, 'u:' .. user, now)
+redis.call('PEXPIRE', revoked, revoke_ms)
+local dropped, ev = {}, nil
+local all = redis.call('HGETALL', conns)
+for i = 1, #all, 2 do
+  if cjson.decode(all[i + 1]).user == user then
+    local _, e = drop_conn(all[i], 'removed')
+    dropped[#dropped + 1] = all[i]
+    ev = e or ev
+  end
+end
+local p = decode_or_nil(redis.call('HGET', users, user))
+if p and p.status ~= 'removed' then
+  -- Away (not connected): shown as removed too.
+  p.status = 'removed'
+  redis.call('HSET', users, user, cjson.encode(p))
+  ev = append_event({type = 'presence', user = user, name = p.name, status = 'removed', ts = now})
+end
+local deadline = nil
+if #dropped > 0 then deadline = maybe_grace(sid) end
+return done(answer({user = user, deadline = deadline or cjson.null},
+  {connections = json_list(dropped), event = ev or 'null',
+   recipients = json_list(ready_conns(''))}))
+""",
+)
+
+_CREATE = _script(
     "create",
-    _SESSION_KEYS
-    + """
-local grace = KEYS[8]
-local now, sid, epoch, mode, deadline = tonumber(ARGV[1]), ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+    """
+local again = replay()
+if again then return again end
+local sid, epoch, mode = ARGV[4], ARGV[5], ARGV[6]
 local m = redis.call('HMGET', meta, 'epoch', 'deadline')
-if m[1] and not (m[2] and tonumber(m[2]) <= now) then return {m[1], 0} end
-redis.call('DEL', items, ops, results, meta, conns, users, events)
+if m[1] and not (m[2] and tonumber(m[2]) <= now) then
+  return answer({epoch = m[1], created = false})
+end
+wipe()
 -- Nobody is connected yet: the session waits one grace period for its first join.
+local deadline = now + cfg.grace
 redis.call('HSET', meta, 'epoch', epoch, 'created', now, 'seq', 0, 'mode', mode,
   'deadline', deadline)
-redis.call('ZADD', grace, deadline, sid)
-return {epoch, 1}
+index_set(sid, deadline + cfg.skew)
+return done(answer({epoch = epoch, created = true}))
 """,
 )
 
-_END = Script(
+_STATUS = _script(
+    "status",
+    """
+local with_events = ARGV[4] == '1'
+local m = redis.call('HMGET', meta, 'epoch', 'deadline', 'created', 'mode', 'seq')
+if not m[1] or (m[2] and tonumber(m[2]) <= now) then return answer({missing = true}) end
+local evs = {}
+if with_events then evs = redis.call('LRANGE', events, 0, -1) end
+return answer({epoch = m[1], deadline = m[2] and tonumber(m[2]) or cjson.null,
+  created = tonumber(m[3]), mode = m[4], seq = tonumber(m[5]),
+  connections = redis.call('HLEN', conns)},
+  {participants = participants(), events = raw_list(evs)})
+""",
+)
+
+# Ending revokes every token issued until now. Its answer is kept with the
+# revocation (which outlives the session), so a retry still answers 'existed'.
+_END = _script(
     "end",
-    _SESSION_KEYS
-    + """
-local grace, sid = KEYS[8], ARGV[1]
+    """
+local sid, revoke_ms = ARGV[4], tonumber(ARGV[5])
+if op ~= '' then
+  local again = redis.call('HGET', revoked, 'op:' .. op)
+  if again then return again end
+end
 local conn_ids = redis.call('HKEYS', conns)
-local existed = redis.call('EXISTS', meta)
-redis.call('DEL', items, ops, results, meta, conns, users, events)
-redis.call('ZREM', grace, sid)
-return {existed, conn_ids}
+local existed = redis.call('EXISTS', meta) == 1
+wipe()
+index_del(sid)
+redis.call('HSET', revoked, '*', now)
+local s = answer({existed = existed}, {connections = json_list(conn_ids)})
+if op ~= '' then redis.call('HSET', revoked, 'op:' .. op, s) end
+redis.call('PEXPIRE', revoked, revoke_ms)
+return s
 """,
 )
 
-_RECIPIENTS = Script(
-    "recipients",
-    _PRELUDE
-    + """
-local meta, conns, epoch = KEYS[1], KEYS[2], ARGV[1]
-if redis.call('HGET', meta, 'epoch') ~= epoch then return {} end
-return ready_conns(conns, '')
-""",
-)
-
-# Turns. KEYS: the seven session keys. ARGV[1] is the guard '<epoch>'.
-_BEGIN_TURN = Script(
-    "begin_turn",
-    _SESSION_KEYS
-    + """
-local now, turn, attempt, lease = tonumber(ARGV[2]), ARGV[3], ARGV[4], tonumber(ARGV[5])
-if not epoch_ok(meta, ARGV[1], now) then return gone('session was deleted or replaced') end
-if redis.call('HEXISTS', meta, 't:' .. turn) == 1 then return {0} end
-local h = redis.call('HMGET', meta, 'turn', 'turn_until', 'turn_start')
-if h[1] and tonumber(h[2]) > now then return {2, h[1]} end
-if h[3] then
-  -- A turn that never committed (crashed, timed out) left writes: undo them.
-  local start = tonumber(h[3])
-  if start == 0 then redis.call('DEL', items) else redis.call('LTRIM', items, 0, start - 1) end
+# The cleanup's look at one session: delete it if its grace is over, or name
+# the connections quiet for so long that their $disconnect may have been lost.
+# After a deletion nothing of the session is left to remember an answer in,
+# so a retry answers 'missing' (already gone), which is what it is.
+_VISIT = _script(
+    "visit",
+    """
+local again = replay()
+if again then return again end
+local sid = ARGV[4]
+local m = redis.call('HMGET', meta, 'epoch', 'deadline')
+if not m[1] then index_del(sid); return answer({state = 'missing'}) end
+if redis.call('HLEN', conns) == 0 then
+  if not m[2] then
+    -- Nobody connected and no grace running (cannot happen by the transitions
+    -- here, but a session must never be kept alive by a missing deadline).
+    m[2] = now + cfg.grace
+    redis.call('HSET', meta, 'deadline', m[2])
+  end
+  local deadline = tonumber(m[2])
+  if deadline + cfg.skew <= now then
+    wipe()
+    index_del(sid)
+    return answer({state = 'deleted'})
+  end
+  index_set(sid, deadline + cfg.skew)
+  return done(answer({state = 'not_due'}))
 end
-local start = redis.call('LLEN', items)
-redis.call('HSET', meta, 'turn', turn, 'turn_attempt', attempt, 'turn_until', now + lease,
-  'turn_start', start)
-return {1, start}
-""",
-)
-
-_COMMIT_TURN = Script(
-    "commit_turn",
-    _PRELUDE
-    + _SESSION_KEYS
-    + """
-local now, turn, attempt = tonumber(ARGV[2]), ARGV[3], ARGV[4]
-local text, cap = ARGV[5], tonumber(ARGV[6])
-if not epoch_ok(meta, ARGV[1], now) then return gone('session was deleted or replaced') end
-if redis.call('HEXISTS', meta, 't:' .. turn) == 1 then return {0, false, {}} end
-if redis.call('HGET', meta, 'turn_attempt') ~= attempt then return gone('turn lease lost') end
-local ev = false
-if text ~= '' then
-  ev = append_event(meta, events, {type = 'agent_message', turn = turn, text = text, ts = now}, cap)
+if m[2] then redis.call('HDEL', meta, 'deadline') end
+local idle, oldest = {}, now
+local all = redis.call('HGETALL', conns)
+for i = 1, #all, 2 do
+  local at = cjson.decode(all[i + 1]).at
+  if at <= now - cfg.idle then idle[#idle + 1] = all[i] elseif at < oldest then oldest = at end
 end
-redis.call('HSET', meta, 't:' .. turn, 1)
-redis.call('HDEL', meta, 'turn', 'turn_attempt', 'turn_until', 'turn_start')
-return {1, ev, ready_conns(conns, '')}
+-- Quiet ones are checked now; look again when the next one could be.
+if #idle > 0 then index_set(sid, now + 60000) else index_set(sid, oldest + cfg.idle) end
+return done(answer({state = 'active'}, {idle = json_list(idle)}))
 """,
 )
 
-_ROLLBACK_TURN = Script(
-    "rollback_turn",
-    _PRELUDE
-    + _SESSION_KEYS
-    + """
-local attempt = ARGV[2]
-local h = redis.call('HMGET', meta, 'epoch', 'turn_attempt', 'turn_start')
-if h[1] ~= ARGV[1] or h[2] ~= attempt then return {0, {}} end
-local start = tonumber(h[3])
-if start == 0 then redis.call('DEL', items) else redis.call('LTRIM', items, 0, start - 1) end
-redis.call('HDEL', meta, 'turn', 'turn_attempt', 'turn_until', 'turn_start')
-return {1, ready_conns(conns, '')}
+# The connection is still open (API Gateway knows it); it was only quiet.
+_ALIVE = _script(
+    "alive",
+    """
+local conn = ARGV[4]
+local rec = decode_or_nil(redis.call('HGET', conns, conn))
+if not rec then return answer({found = false}) end
+if rec.at < now then
+  rec.at = now
+  redis.call('HSET', conns, conn, cjson.encode(rec))
+end
+return answer({found = true})
 """,
 )
 
-# Single commands, as scripts too: one client Protocol (eval/evalsha) and one
-# place where Upstash failures become rejoin errors.
-_LOOKUP = Script("lookup", "return redis.call('GET', KEYS[1])")
 _DUE = Script(
     "due",
     "return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))",
 )
-_MARK_ALIVE = Script("mark_alive", "return redis.call('ZADD', KEYS[1], 'XX', ARGV[1], ARGV[2])")
-_FORGET = Script("forget", "return redis.call('ZREM', KEYS[1], ARGV[1])")
+_INDEX = Script(
+    "index",
+    """
+local at = tonumber(ARGV[2])
+if at < 0 then return redis.call('ZREM', KEYS[1], ARGV[1]) end
+return redis.call('ZADD', KEYS[1], at, ARGV[1])
+""",
+)
+
+# --- turns ------------------------------------------------------------------
+
+_TURN_GUARD = """
+local epoch, turn, attempt = ARGV[4], ARGV[5], ARGV[6]
+local h = redis.call('HMGET', meta, 'epoch', 'deadline', 'turn', 'turn_attempt', 'turn_until',
+  't:' .. turn)
+if h[1] ~= epoch or (h[2] and tonumber(h[2]) <= now) then
+  return gone('session was deleted or replaced')
+end
+"""
+
+# The turn's start: the lease, and the history the Runner reads (the latest
+# `limit` items; 0 for all). The history is not recorded: a retry re-reads it.
+_BEGIN_TURN = _script(
+    "begin_turn",
+    _TURN_GUARD
+    + """
+local lease, limit = tonumber(ARGV[7]), tonumber(ARGV[8])
+local again = replay()
+local state
+if again then
+  state = cjson.decode(again).state
+elseif h[6] then
+  state = 'done'
+elseif h[3] and h[4] ~= attempt and tonumber(h[5]) > now then
+  state = 'busy'
+else
+  state = 'started'
+  redis.call('HSET', meta, 'turn', turn, 'turn_attempt', attempt, 'turn_until', now + lease)
+  redis.call('HDEL', meta, 'stop')
+  remember(ops, results, op, now, cfg.keep, cjson.encode({state = state}))
+end
+local head = answer({state = state}, {recipients = json_list(ready_conns(''))})
+if state ~= 'started' then return {head} end
+local out = {head}
+local history
+if limit > 0 then history = redis.call('LRANGE', items, -limit, -1)
+else history = redis.call('LRANGE', items, 0, -1) end
+for i = 1, #history do out[#out + 1] = history[i] end
+return out
+""",
+)
+
+# The turn's end: its items (held in memory during the run) and the agent's
+# message land together, once.
+_COMMIT_TURN = _script(
+    "commit_turn",
+    _TURN_GUARD
+    + """
+local again = replay()
+if again then return again end
+local text, reply_to, stopped = ARGV[7], tonumber(ARGV[8]), ARGV[9] == '1'
+if h[6] then return done(answer({state = 'done'}, {event = 'null', recipients = '[]'})) end
+if h[4] ~= attempt then return gone('turn lease lost') end
+push_all(items, ARGV, 10)
+local ev = 'null'
+if text ~= '' or stopped then
+  ev = append_event({type = 'agent_message', turn = turn, reply_to = reply_to, text = text,
+    stopped = stopped or nil, ts = now})
+end
+redis.call('HSET', meta, 't:' .. turn, 1)
+redis.call('HDEL', meta, 'turn', 'turn_attempt', 'turn_until', 'stop')
+return done(answer({state = 'committed'}, {event = ev, recipients = json_list(ready_conns(''))}))
+""",
+)
+
+# A failed turn wrote nothing: releasing its lease lets the retry start at once.
+_RELEASE_TURN = _script(
+    "release_turn",
+    _TURN_GUARD
+    + """
+local again = replay()
+if again then return again end
+if h[4] ~= attempt then return done(answer({released = false}, {recipients = '[]'})) end
+redis.call('HDEL', meta, 'turn', 'turn_attempt', 'turn_until', 'stop')
+return done(answer({released = true}, {recipients = json_list(ready_conns(''))}))
+""",
+)
+
+# Polled while the agent streams: who to send deltas to, and whether to stop.
+_TURN_STATUS = _script(
+    "turn_status",
+    _TURN_GUARD
+    + """
+local s = redis.call('HGET', meta, 'stop')
+return answer({stop = (s ~= false and s ~= nil) and s or cjson.null,
+  held = h[4] == attempt}, {recipients = json_list(ready_conns(''))})
+""",
+)
+
+# A participant asks the running turn to stop (a `stop` frame).
+_STOP = _script(
+    "stop",
+    """
+local again = replay()
+if again then return again end
+local conn, wanted = ARGV[4], ARGV[5]
+local rec, err = frame_conn(conn)
+if not rec then return err end
+if rec.ready ~= 1 then return fail('not_joined') end
+local h = redis.call('HMGET', meta, 'turn', 'turn_until')
+local running = h[1] and tonumber(h[2]) > now and (wanted == '' or wanted == h[1])
+if running then redis.call('HSET', meta, 'stop', rec.user) end
+return done(answer({running = running and true or false, turn = h[1] or cjson.null}))
+""",
+)
+
+
+# --- outcomes -----------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -381,15 +701,12 @@ class Joined:
         recipients: ready connections (other than this one) to broadcast to.
         from_grace: this connection brought the session back from its grace
             period (nobody was connected).
-        stale_session: another session this connection id was still recorded
-            in (its ``$disconnect`` was lost); the caller removes it there.
     """
 
     epoch: str
     resumed: bool
     event: dict[str, Any] | None
     recipients: list[str]
-    stale_session: str | None = None
     from_grace: bool = False
 
 
@@ -398,8 +715,9 @@ class Said:
     """The outcome of a ``say``.
 
     Attributes:
-        duplicate: the message id was seen before; nothing was logged.
+        duplicate: the sender used this message id before; nothing was logged.
         seq: the message's sequence number (the original one if duplicate).
+        turn: the agent turn the message asks for (``""`` when none).
         event: the logged message event (``None`` if duplicate).
         recipients: ready connections to broadcast to (the sender included).
         epoch: the session's epoch.
@@ -409,6 +727,7 @@ class Said:
 
     duplicate: bool
     seq: int
+    turn: str
     event: dict[str, Any] | None
     recipients: list[str]
     epoch: str
@@ -435,34 +754,51 @@ class Departure:
 
 
 @dataclass(frozen=True)
+class Kicked:
+    """The outcome of removing a participant.
+
+    Attributes:
+        connections: the participant's connections, now dropped (close them).
+        event: the presence event logged (``removed``), if any.
+        recipients: ready connections still in the session.
+    """
+
+    connections: list[str]
+    event: dict[str, Any] | None
+    recipients: list[str]
+
+
+@dataclass(frozen=True)
 class TurnStart:
     """The outcome of :meth:`RoomStore.begin_turn`.
 
     Attributes:
         state: ``started``, ``done`` (already committed: skip), or ``busy``
             (another turn of the session holds the lease: retry later).
-        history_length: items in the history when the turn started.
+        history: the session's history when the turn started (raw JSON
+            strings, oldest first), when started.
+        recipients: ready connections at the start.
     """
 
     state: Literal["started", "done", "busy"]
-    history_length: int = 0
+    history: list[str] = field(default_factory=list)
+    recipients: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
-class SweepOutcome:
-    """What one pass of expiry did to one session."""
+class Visit:
+    """What the cleanup found in one session.
+
+    Attributes:
+        session_id: the session.
+        state: ``deleted`` (its grace was over), ``missing`` (already gone),
+            ``not_due`` (in grace) or ``active`` (someone is connected).
+        idle: connections quiet for longer than the idle timeout (active only).
+    """
 
     session_id: str
-    deleted: bool
-    reason: Literal["deleted", "resumed", "not_due", "missing"]
-
-
-def _events(raw: Sequence[str] | None) -> list[dict[str, Any]]:
-    return [json.loads(r) for r in raw or []]
-
-
-def _pairs(flat: Sequence[str]) -> dict[str, str]:
-    return dict(zip(flat[::2], flat[1::2], strict=True))
+    state: Literal["deleted", "missing", "not_due", "active"]
+    idle: list[str] = field(default_factory=list)
 
 
 def new_epoch() -> str:
@@ -470,22 +806,54 @@ def new_epoch() -> str:
     return secrets.token_urlsafe(9)
 
 
+def _op() -> str:
+    return secrets.token_hex(8)
+
+
+def _event(raw: Any) -> dict[str, Any] | None:
+    return raw if isinstance(raw, dict) else None
+
+
+def _ids(raw: Any) -> list[str]:
+    return [str(x) for x in raw] if isinstance(raw, list) else []
+
+
+_ERRORS: dict[str, Callable[[dict[str, Any]], Exception]] = {
+    "not_in_session": lambda a: NotInSession("this connection is not part of the session"),
+    "not_joined": lambda a: NotJoined("send resume first"),
+    "rate_limited": lambda a: RateLimited(int(a["retry_after_ms"]) / 1000),
+    "token_expired": lambda a: TokenExpired("the connection's token has expired; reconnect"),
+    "revoked": lambda a: TokenRevoked("the token was revoked"),
+}
+
+
 class RoomStore:
-    """Room state for every session, in Upstash.
+    """Room state for every session.
 
     Args:
-        redis: an Upstash client (see :func:`rejoin.upstash_client`).
+        redis: a store client (see :func:`rejoin.upstash_client`).
         key_prefix: prefix of every key.
         grace_seconds: how long a session outlives its last connection.
         event_log_size: how many events are kept for replay.
         clock: returns the time in seconds (injected in tests).
-        connection_ttl_seconds: how long a connection-to-session mapping
-            lives (API Gateway closes connections after 2 h).
         clock_skew_seconds: the cleanup deletes a session only this long
             after its deadline. Lambdas' clocks differ slightly; without the
             margin a cleanup whose clock runs ahead could delete a session
             that a reconnect (whose clock says "before the deadline") is
             resuming at that very moment.
+        idle_seconds: a connection quiet this long may have lost its
+            ``$disconnect``; the cleanup asks API Gateway about it.
+        rate_limit: frames per connection, and per participant, per window
+            (0: no limit).
+        rate_window_seconds: the rate limit's window.
+        outcome_seconds: how long an operation's answer is kept for a retry.
+            Retries come from the client while its caller waits, so this only
+            has to outlast the request timeout and the client's retries.
+        revocation_seconds: how long revocations (ended session, removed
+            participant) are kept: the longest a token can live.
+        index_in_script: the scripts update the schedule index themselves
+            (one request); False on a Redis Cluster, where the index lives in
+            another slot and is updated by a second request.
     """
 
     def __init__(
@@ -496,18 +864,35 @@ class RoomStore:
         grace_seconds: float = 120,
         event_log_size: int = 500,
         clock: Callable[[], float] = time.time,
-        connection_ttl_seconds: int = 3 * 3600,
         clock_skew_seconds: float = 2.0,
+        idle_seconds: float = 660,
+        rate_limit: int = 0,
+        rate_window_seconds: float = 10,
+        outcome_seconds: float = 120,
+        revocation_seconds: float = 12 * 3600,
+        index_in_script: bool = True,
     ) -> None:
         self.redis = redis
         self.prefix = key_prefix
         self.grace_ms = int(grace_seconds * 1000)
         self.cap = event_log_size
         self.clock = clock
-        self.conn_ttl_ms = connection_ttl_seconds * 1000
         self.skew_ms = int(clock_skew_seconds * 1000)
-        self.grace_key = f"{key_prefix}:grace"
-        self.activity_key = f"{key_prefix}:activity"
+        self.revocation_ms = int(revocation_seconds * 1000)
+        self.schedule_key = f"{key_prefix}:schedule"
+        self.index_in_script = index_in_script
+        self._cfg = json.dumps(
+            {
+                "cap": event_log_size,
+                "grace": self.grace_ms,
+                "skew": self.skew_ms,
+                "idle": int(idle_seconds * 1000),
+                "rl": rate_limit,
+                "rw": max(1, int(rate_window_seconds * 1000)),
+                "keep": int(outcome_seconds * 1000),
+            },
+            separators=(",", ":"),
+        )
 
     def now_ms(self) -> int:
         """The injected clock's time in milliseconds."""
@@ -517,151 +902,184 @@ class RoomStore:
         """The keys of one session (validates the id)."""
         return SessionKeys(self.prefix, session_id)
 
-    def _conn_key(self, connection_id: str) -> str:
-        if not connection_id or len(connection_id) > 128:
-            raise RoomError("invalid connection id")
-        return f"{self.prefix}:conn:{connection_id}"
+    async def _call(
+        self, script: Script, session_id: str, *args: Any, op: bool = True
+    ) -> dict[str, Any]:
+        keys = self.keys(session_id).room
+        if self.index_in_script:
+            keys = (*keys, self.schedule_key)
+        reply = await script(
+            self.redis, keys, (self.now_ms(), _op() if op else "", self._cfg, *args)
+        )
+        return await self._settle(session_id, reply)
+
+    async def _settle(self, session_id: str, reply: Any) -> dict[str, Any]:
+        answer: dict[str, Any] = json.loads(reply)
+        for at in answer.get("index", []):
+            await _INDEX(self.redis, (self.schedule_key,), (session_id, at))
+        err = answer.get("err")
+        if err in _ERRORS:
+            raise _ERRORS[err](answer)
+        if err is not None:
+            raise RoomError(f"unexpected answer {err!r}")
+        return answer
 
     # --- connections --------------------------------------------------------
 
-    async def lookup(self, connection_id: str) -> tuple[str, str] | None:
-        """The (session id, user id) of a connection, or ``None``."""
-        raw = await _LOOKUP(self.redis, (self._conn_key(connection_id),), ())
-        if raw is None:
-            return None
-        session_id, _, user_id = str(raw).partition(" ")
-        return session_id, user_id
-
     async def connect(
-        self, session_id: str, connection_id: str, user_id: str, name: str, *, mode: str
+        self,
+        session_id: str,
+        connection_id: str,
+        user_id: str,
+        name: str,
+        *,
+        mode: str,
+        issued_at: float,
+        expires_at: float | None = None,
     ) -> Joined:
-        """Add a connection; create or resume the session as its lifecycle says."""
-        keys = self.keys(session_id)
-        epoch, resumed, event, recipients, previous, from_grace = await _CONNECT(
-            self.redis,
-            (*keys.all, self.grace_key, self.activity_key, self._conn_key(connection_id)),
-            (
-                self.now_ms(),
-                session_id,
-                new_epoch(),
-                connection_id,
-                user_id,
-                name,
-                mode,
-                self.cap,
-                self.conn_ttl_ms,
-            ),
+        """Add a connection; create or resume the session as its lifecycle says.
+
+        Args:
+            issued_at: the token's ``iat`` (seconds): a token issued before a
+                revocation of this session or participant is refused.
+            expires_at: the token's ``exp`` (seconds): frames after it are refused.
+
+        Raises:
+            TokenRevoked: the token was revoked (session ended, participant
+                removed); nothing was stored.
+        """
+        _check_connection_id(connection_id)
+        a = await self._call(
+            _CONNECT,
+            session_id,
+            session_id,
+            new_epoch(),
+            connection_id,
+            user_id,
+            name,
+            mode,
+            int(issued_at * 1000),
+            int(expires_at * 1000) if expires_at is not None else 2**52,
         )
-        prev_sid = str(previous).split(" ", 1)[0] if previous else None
         return Joined(
-            epoch=str(epoch),
-            resumed=bool(resumed),
-            event=json.loads(event) if event else None,
-            recipients=list(recipients or []),
-            stale_session=prev_sid if prev_sid and prev_sid != session_id else None,
-            from_grace=bool(from_grace),
+            epoch=str(a["epoch"]),
+            resumed=bool(a["resumed"]),
+            event=_event(a.get("event")),
+            recipients=_ids(a.get("recipients")),
+            from_grace=bool(a["from_grace"]),
         )
 
     async def resume(
         self, session_id: str, connection_id: str, epoch: str | None, last_seq: int
     ) -> dict[str, Any]:
-        """Mark a connection ready and build its ``welcome`` frame.
+        """Mark a connection ready and build its ``welcome`` frame (events unpaged).
 
         Raises:
             NotInSession: the connection is not in this session.
+            RateLimited: the connection or participant is over its frame budget.
+            TokenExpired, TokenRevoked: the connection's token no longer holds.
         """
-        keys = self.keys(session_id)
-        reply = await _RESUME(
-            self.redis,
-            (*keys.all, self.activity_key),
-            (self.now_ms(), connection_id, epoch or "", last_seq),
-        )
-        if not reply:
-            raise NotInSession("this connection is not part of the session")
-        cur_epoch, seq, recovered, raw_events, users, mode, rec = reply
-        me = json.loads(rec)
-        events = _events(raw_events)
+        a = await self._call(_RESUME, session_id, connection_id, epoch or "", last_seq)
+        events = a.get("events") or []
+        recovered = bool(a["recovered"])
+        log_start = int(a["log_start"])
         return {
             "type": "welcome",
             "session": session_id,
-            "epoch": cur_epoch,
-            "resumed": bool(me.get("resumed")),
-            "recovered": bool(recovered),
-            "seq": int(seq),
-            "you": {"user": me["user"], "name": me["name"], "connection": connection_id},
-            "participants": _participants(users),
-            "mode": mode,
+            "epoch": a["epoch"],
+            "resumed": bool(a["resumed"]),
+            "recovered": recovered,
+            "seq": int(a["seq"]),
+            "log_start": log_start,
+            "truncated": log_start > 1,
+            "you": {"user": a["user"], "name": a["name"], "connection": connection_id},
+            "participants": a.get("participants") or [],
+            "mode": a["mode"],
             "grace_seconds": self.grace_ms // 1000,
             "events": events if recovered else [],
             "transcript": None if recovered else events,
         }
 
-    async def say(self, session_id: str, connection_id: str, message_id: str, text: str) -> Said:
-        """Log a participant's message (a repeated ``message_id`` is a no-op).
+    async def say(
+        self, session_id: str, connection_id: str, message_id: str, text: str, *, addressed: bool
+    ) -> Said:
+        """Log a participant's message and add it to the agent's history.
+
+        A message id the sender used before is a duplicate (nothing changes);
+        ids are scoped to the sender. The message asks for an agent turn in
+        ``every`` mode, or when ``addressed`` to the agent.
 
         Raises:
             NotInSession: the connection is not in this session.
             NotJoined: the connection has not sent ``resume`` yet.
+            RateLimited: over the frame budget; nothing was stored.
         """
-        keys = self.keys(session_id)
-        reply = await _SAY(
-            self.redis,
-            (*keys.all, self.activity_key),
-            (self.now_ms(), connection_id, message_id, text, self.cap),
+        a = await self._call(
+            _SAY, session_id, connection_id, message_id, text, "1" if addressed else "0"
         )
-        if int(reply[0]) == -2:
-            raise NotInSession("this connection is not part of the session")
-        if int(reply[0]) == -1:
-            raise NotJoined("send resume before say")
-        status, seq, event, recipients, epoch, mode, rec = reply
-        me = json.loads(rec)
         return Said(
-            duplicate=int(status) == 0,
-            seq=int(seq),
-            event=json.loads(event) if event else None,
-            recipients=list(recipients or []),
-            epoch=str(epoch),
-            mode=str(mode),
-            user=me["user"],
-            name=me["name"],
+            duplicate=bool(a["duplicate"]),
+            seq=int(a["seq"]),
+            turn=str(a.get("turn") or ""),
+            event=_event(a.get("event")),
+            recipients=_ids(a.get("recipients")),
+            epoch=str(a["epoch"]),
+            mode=str(a["mode"]),
+            user=str(a["user"]),
+            name=str(a["name"]),
         )
 
-    async def touch(self, session_id: str, connection_id: str) -> bool:
-        """Record activity of a connection (``ping``); False if it is not there."""
-        keys = self.keys(session_id)
-        done = await _TOUCH(
-            self.redis, (keys.connections, self.activity_key), (connection_id, self.now_ms())
-        )
-        return bool(done)
+    async def ping(self, session_id: str, connection_id: str) -> int:
+        """Record that a connection is alive; returns the server time (ms).
 
-    async def disconnect(
-        self, session_id: str, connection_id: str, *, left: bool = False
-    ) -> Departure | None:
-        """Remove a connection; start grace if it was the last one.
-
-        Idempotent: a second call (a retried or duplicated ``$disconnect``)
-        returns ``None`` and changes nothing.
+        Raises:
+            NotInSession, RateLimited, TokenExpired, TokenRevoked: as :meth:`say`.
         """
-        keys = self.keys(session_id)
-        reply = await _DISCONNECT(
-            self.redis,
-            (*keys.all, self.grace_key, self.activity_key, self._conn_key(connection_id)),
-            (self.now_ms(), session_id, connection_id, int(left), self.grace_ms, self.cap),
-        )
-        if int(reply[0]) == 0:
+        a = await self._call(_PING, session_id, connection_id)
+        return int(a["ts"])
+
+    async def leave(self, session_id: str, connection_id: str) -> Departure:
+        """The participant leaves for good: shown as ``left``, even if this
+        connection's ``$disconnect`` got there first.
+
+        Raises:
+            NotInSession: the connection was never in the session.
+            RateLimited: over the frame budget.
+        """
+        return _departure(await self._call(_DEPART, session_id, session_id, connection_id, "1"))
+
+    async def disconnect(self, session_id: str, connection_id: str) -> Departure | None:
+        """Remove a connection (shown as ``away``); start grace if it was the last.
+
+        Returns ``None`` when the connection is not there (already removed).
+        """
+        try:
+            a = await self._call(_DEPART, session_id, session_id, connection_id, "0")
+        except NotInSession:
             return None
-        _, event, recipients, deadline, user = reply
-        return Departure(
-            event=json.loads(event) if event else None,
-            recipients=list(recipients or []),
-            grace_deadline=int(deadline) if deadline else None,
-            user=str(user),
+        return _departure(a)
+
+    async def kick(self, session_id: str, user_id: str) -> Kicked | None:
+        """Remove a participant: revoke their tokens issued until now, drop their
+        connections. ``None`` if the session does not exist."""
+        try:
+            a = await self._call(_KICK, session_id, session_id, user_id, self.revocation_ms)
+        except RoomError:
+            return None
+        return Kicked(
+            connections=_ids(a.get("connections")),
+            event=_event(a.get("event")),
+            recipients=_ids(a.get("recipients")),
         )
 
-    async def recipients(self, session_id: str, epoch: str) -> list[str]:
-        """Ready connections of the session, if it is still at ``epoch``."""
-        keys = self.keys(session_id)
-        return list(await _RECIPIENTS(self.redis, (keys.meta, keys.connections), (epoch,)) or [])
+    async def stop(self, session_id: str, connection_id: str, turn: str | None) -> dict[str, Any]:
+        """Ask the session's running turn (``turn``, or whichever runs) to stop.
+
+        Returns:
+            ``{"running": bool, "turn": str | None}``.
+        """
+        a = await self._call(_STOP, session_id, connection_id, turn or "")
+        return {"running": bool(a["running"]), "turn": a.get("turn")}
 
     # --- sessions -----------------------------------------------------------
 
@@ -671,128 +1089,161 @@ class RoomStore:
         A live session is left as it is (``created`` is False). A created
         session waits one grace period for its first connection.
         """
-        keys = self.keys(session_id)
-        now = self.now_ms()
-        epoch, created = await _CREATE(
-            self.redis,
-            (*keys.all, self.grace_key),
-            (now, session_id, new_epoch(), mode, now + self.grace_ms),
-        )
-        return str(epoch), bool(created)
+        a = await self._call(_CREATE, session_id, session_id, new_epoch(), mode)
+        return str(a["epoch"]), bool(a["created"])
 
     async def status(self, session_id: str, *, with_events: bool = False) -> dict[str, Any] | None:
         """The session's state, or ``None`` if it does not exist or expired."""
-        keys = self.keys(session_id)
-        reply = await _STATUS(self.redis, keys.all, (self.now_ms(), int(with_events)))
-        if not reply:
+        a = await self._call(_STATUS, session_id, int(with_events), op=False)
+        if a.get("missing"):
             return None
-        epoch, deadline, created, mode, seq, n_conns, users, raw_events = reply
         out: dict[str, Any] = {
             "session": session_id,
-            "epoch": epoch,
-            "state": "active" if int(n_conns) > 0 else "grace",
-            "connections": int(n_conns),
-            "grace_deadline_ms": int(deadline) if deadline else None,
-            "created_ms": int(created),
-            "mode": mode,
-            "seq": int(seq),
-            "participants": _participants(users),
+            "epoch": a["epoch"],
+            "state": "active" if int(a["connections"]) > 0 else "grace",
+            "connections": int(a["connections"]),
+            "grace_deadline_ms": a.get("deadline"),
+            "created_ms": int(a["created"]),
+            "mode": a["mode"],
+            "seq": int(a["seq"]),
+            "participants": sorted(a.get("participants") or [], key=lambda p: p["user"]),
         }
         if with_events:
-            out["events"] = _events(raw_events)
+            out["events"] = a.get("events") or []
         return out
 
     async def end(self, session_id: str) -> list[str] | None:
-        """Delete a session now; returns its connection ids (``None`` if none)."""
-        keys = self.keys(session_id)
-        existed, conn_ids = await _END(self.redis, (*keys.all, self.grace_key), (session_id,))
-        return list(conn_ids or []) if int(existed) else None
+        """Delete a session now and revoke every token issued for it until now.
 
-    async def due_for_expiry(self, limit: int = 100) -> list[str]:
-        """Sessions whose grace deadline has passed, oldest first."""
-        due = self.now_ms() - self.skew_ms
-        ids = await _DUE(self.redis, (self.grace_key,), (due, limit))
+        Returns its connection ids (``None`` if it did not exist).
+        """
+        a = await self._call(_END, session_id, session_id, self.revocation_ms)
+        return _ids(a.get("connections")) if a["existed"] else None
+
+    # --- the cleanup ----------------------------------------------------------
+
+    async def due(self, limit: int = 500) -> list[str]:
+        """Sessions the cleanup should look at now, oldest first."""
+        ids = await _DUE(self.redis, (self.schedule_key,), (self.now_ms(), limit))
         return [str(i) for i in ids or []]
 
-    async def sweep(self, session_id: str) -> SweepOutcome:
-        """Delete one session if its deadline passed and nobody came back."""
-        keys = self.keys(session_id)
-        due = self.now_ms() - self.skew_ms
-        code = int(await _SWEEP(self.redis, (*keys.all, self.grace_key), (due, session_id)))
-        reason: dict[int, Literal["deleted", "resumed", "not_due", "missing"]] = {
-            1: "deleted",
-            -1: "resumed",
-            -2: "not_due",
-            0: "missing",
-        }
-        return SweepOutcome(session_id, code == 1, reason[code])
+    async def visit(self, session_id: str) -> Visit:
+        """Delete the session if its grace is over, or name its quiet connections."""
+        a = await self._call(_VISIT, session_id, session_id)
+        return Visit(session_id, a["state"], _ids(a.get("idle")))
 
-    async def idle_connections(self, idle_seconds: float, limit: int = 100) -> list[str]:
-        """Connections with no activity for ``idle_seconds`` (lost ``$disconnect``?)."""
-        cutoff = self.now_ms() - int(idle_seconds * 1000)
-        ids = await _DUE(self.redis, (self.activity_key,), (cutoff, limit))
-        return [str(i) for i in ids or []]
-
-    async def mark_alive(self, connection_id: str) -> None:
-        """Record that API Gateway still knows a connection (it is only idle)."""
-        await _MARK_ALIVE(self.redis, (self.activity_key,), (self.now_ms(), connection_id))
-
-    async def forget_connection(self, connection_id: str) -> None:
-        """Drop a connection that belongs to no session from the indexes."""
-        await _FORGET(self.redis, (self.activity_key,), (connection_id,))
+    async def mark_alive(self, session_id: str, connection_id: str) -> bool:
+        """Record that API Gateway still knows a quiet connection."""
+        a = await self._call(_ALIVE, session_id, connection_id, op=False)
+        return bool(a["found"])
 
     # --- turns --------------------------------------------------------------
 
     async def begin_turn(
-        self, session_id: str, epoch: str, turn_id: str, attempt: str, lease_seconds: float
+        self,
+        session_id: str,
+        epoch: str,
+        turn_id: str,
+        attempt: str,
+        lease_seconds: float,
+        *,
+        history_limit: int = 0,
     ) -> TurnStart:
-        """Take the session's turn lease and remember where the history starts.
+        """Take the session's turn lease and read the history the Runner needs.
+
+        Args:
+            history_limit: read only the latest this many items (0: all).
 
         Raises:
             SessionGone: the session at ``epoch`` no longer exists.
         """
-        keys = self.keys(session_id)
+        keys = self.keys(session_id).room
         reply = await _BEGIN_TURN(
             self.redis,
-            keys.all,
-            (epoch, self.now_ms(), turn_id, attempt, int(lease_seconds * 1000)),
+            keys,
+            (
+                self.now_ms(),
+                _op(),
+                self._cfg,
+                epoch,
+                turn_id,
+                attempt,
+                int(lease_seconds * 1000),
+                history_limit,
+            ),
         )
-        code = int(reply[0])
-        if code == 0:
-            return TurnStart("done")
-        if code == 2:
-            return TurnStart("busy")
-        return TurnStart("started", int(reply[1]))
+        head = json.loads(reply[0])
+        return TurnStart(
+            head["state"],
+            history=[str(r) for r in reply[1:]],
+            recipients=_ids(head.get("recipients")),
+        )
 
     async def commit_turn(
-        self, session_id: str, epoch: str, turn_id: str, attempt: str, reply_text: str
+        self,
+        session_id: str,
+        epoch: str,
+        turn_id: str,
+        attempt: str,
+        *,
+        items: Sequence[str],
+        reply_text: str,
+        reply_to: int,
+        stopped: bool = False,
     ) -> tuple[dict[str, Any] | None, list[str]]:
-        """Log the agent's reply (if any), mark the turn done, release the lease.
+        """Write the turn's items and log the agent's message, once.
+
+        Args:
+            items: the items the run produced (JSON strings), in order.
+            reply_text: the agent's final text ('' for none).
+            reply_to: the seq of the message answered.
+            stopped: a participant stopped the turn; ``reply_text`` is partial.
 
         Returns:
-            The logged ``agent_message`` event (or ``None``) and the recipients.
+            The logged ``agent_message`` event (``None`` if none, or if another
+            attempt had committed the turn) and the recipients.
 
         Raises:
             SessionGone: the session is gone or this attempt lost the lease.
         """
-        keys = self.keys(session_id)
-        _, event, recipients = await _COMMIT_TURN(
-            self.redis,
-            keys.all,
-            (epoch, self.now_ms(), turn_id, attempt, reply_text, self.cap),
+        a = await self._call(
+            _COMMIT_TURN,
+            session_id,
+            epoch,
+            turn_id,
+            attempt,
+            reply_text,
+            reply_to,
+            "1" if stopped else "0",
+            *items,
         )
-        return (json.loads(event) if event else None), list(recipients or [])
+        return _event(a.get("event")), _ids(a.get("recipients"))
 
-    async def rollback_turn(self, session_id: str, epoch: str, attempt: str) -> list[str] | None:
-        """Undo a failed turn's writes; returns the recipients (``None`` if not held)."""
-        keys = self.keys(session_id)
-        done, recipients = await _ROLLBACK_TURN(self.redis, keys.all, (epoch, attempt))
-        return list(recipients or []) if int(done) else None
+    async def release_turn(
+        self, session_id: str, epoch: str, turn_id: str, attempt: str
+    ) -> list[str] | None:
+        """Give up a failed turn's lease; returns the recipients (``None`` if not held)."""
+        a = await self._call(_RELEASE_TURN, session_id, epoch, turn_id, attempt)
+        return _ids(a.get("recipients")) if a["released"] else None
+
+    async def turn_status(
+        self, session_id: str, epoch: str, turn_id: str, attempt: str
+    ) -> tuple[list[str], str | None, bool]:
+        """(recipients, who asked to stop or None, whether this attempt holds the lease)."""
+        a = await self._call(_TURN_STATUS, session_id, epoch, turn_id, attempt, op=False)
+        return _ids(a.get("recipients")), a.get("stop"), bool(a["held"])
 
 
-def _participants(flat: Sequence[str]) -> list[dict[str, Any]]:
-    out = []
-    for user, raw in sorted(_pairs(list(flat)).items()):
-        rec = json.loads(raw)
-        out.append({"user": user, "name": rec["name"], "status": rec["status"]})
-    return out
+def _departure(a: dict[str, Any]) -> Departure:
+    deadline = a.get("deadline")
+    return Departure(
+        event=_event(a.get("event")),
+        recipients=_ids(a.get("recipients")),
+        grace_deadline=int(deadline) if deadline is not None else None,
+        user=str(a["user"]),
+    )
+
+
+def _check_connection_id(connection_id: str) -> None:
+    if not connection_id or len(connection_id) > 128:
+        raise RoomError("invalid connection id")

@@ -3,6 +3,12 @@
 The Lambda handlers parse the event and call these; everything here is
 independent of Lambda, so the local gateway and the tests call the same code
 through the same handlers. Nothing here imports the Agents SDK.
+
+Who a connection is comes from the Lambda REQUEST authorizer on ``$connect``
+(:mod:`rejoin.authorizer`): API Gateway hands its context (session, user,
+name, token times) to every later event of the connection in
+``requestContext.authorizer``, so each frame is one transition script, with
+no lookup first.
 """
 
 from __future__ import annotations
@@ -12,36 +18,47 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from .authorizer import Identity, identity_from_context
 from .errors import (
     AuthError,
     FrameError,
-    InvalidSessionId,
     NotInSession,
     NotJoined,
     RateLimited,
+    RejoinError,
     SendError,
     SessionGone,
     StoreError,
+    TokenExpired,
+    TokenRevoked,
 )
+from .fanout import publish
 from .frames import (
     Leave,
     Ping,
     Resume,
     Say,
+    Stop,
     ack_frame,
     encode_frame,
     error_frame,
+    left_frame,
     parse_frame,
     pong_frame,
+    replay_frame,
+    stopping_frame,
 )
-from .keys import validate_session_id
 from .observability import bind, count, logger
-from .queue import TurnInput, TurnRequest
-from .rooms import RoomStore
+from .queue import TurnRequest
+from .rooms import RoomStore, Said
 from .runtime import Runtime
-from .sender import ConnectionSender, broadcast, send
+from .sender import ConnectionSender, send
 
-__all__ = ["Answer", "addresses_agent", "on_connect", "on_disconnect", "on_message", "rooms_for"]
+__all__ = ["Answer", "addresses_agent", "on_connect", "on_disconnect", "on_message"]
+
+# A welcome (or replay page) stays under this many bytes: API Gateway takes
+# messages of up to 128 KB, and the envelope of a page needs some room.
+PAGE_BYTES = 100 * 1024
 
 
 @dataclass(frozen=True)
@@ -59,18 +76,6 @@ class Answer:
         return out
 
 
-def rooms_for(rt: Runtime) -> RoomStore:
-    """The room store configured by the runtime."""
-    s = rt.settings
-    return RoomStore(
-        rt.redis(),
-        key_prefix=s.key_prefix,
-        grace_seconds=s.grace_seconds,
-        event_log_size=s.event_log_size,
-        clock=rt.clock,
-    )
-
-
 def addresses_agent(text: str, agent_name: str) -> bool:
     """Whether a message addresses the agent (meeting mode): ``@agent`` or its name."""
     names = {"agent", agent_name.lower()}
@@ -78,105 +83,93 @@ def addresses_agent(text: str, agent_name: str) -> bool:
     return re.search(pattern, text, flags=re.IGNORECASE) is not None
 
 
-async def _drop_gone(
-    rooms: RoomStore, sender: ConnectionSender, session_id: str, gone: list[str]
-) -> None:
-    # A connection that answered 410 is dead: treat it as disconnected, and
-    # tell the others. Their own dead connections are dealt with next time.
-    for connection_id in gone:
-        count("GoneConnections")
-        departure = await rooms.disconnect(session_id, connection_id)
-        if departure and departure.event:
-            await broadcast(sender, departure.recipients, departure.event)
-
-
-async def publish(
-    rooms: RoomStore,
-    sender: ConnectionSender,
-    session_id: str,
-    recipients: list[str],
-    event: dict[str, Any] | None,
-) -> None:
-    """Broadcast a logged event; connections found gone are removed."""
-    if event is None or not recipients:
-        return
-    result = await broadcast(sender, recipients, event)
-    if result.gone:
-        await _drop_gone(rooms, sender, session_id, result.gone)
-
-
 async def on_connect(
     rt: Runtime,
     *,
     connection_id: str,
     query: dict[str, str] | None,
+    authorizer: dict[str, Any] | None = None,
     request_context: dict[str, Any] | None = None,
 ) -> Answer:
-    """Authenticate, authorise and add a connection to its session.
+    """Add an authorised connection to its session.
 
-    Refusals (400, 401, 403) store nothing. Posting to the new connection is
-    impossible during ``$connect``, so the welcome waits for ``resume``.
+    The authorizer has checked the token; without one (a handler invoked on
+    its own, as ``sam local invoke`` does) the token is checked here. A
+    revoked token is refused here, against the store. Refusals store nothing.
+    Posting to the new connection is impossible during ``$connect``, so the
+    welcome waits for ``resume``.
     """
-    query = query or {}
     try:
-        session_id = validate_session_id(query.get("session"))
-    except InvalidSessionId as exc:
-        logger.info("connect refused", extra={"reason": "InvalidSessionId"})
-        count("RefusedConnects")
-        return Answer(400, str(exc))
-    bind(session_id=session_id, connection_id=connection_id)
-    try:
-        grant = rt.verifier().verify(query.get("token"), session_id=session_id)
+        who = identity_from_context(authorizer) if authorizer else _verify(rt, query)
     except AuthError as exc:
         logger.info("connect refused", extra={"reason": type(exc).__name__})
         count("RefusedConnects")
         return Answer(exc.status, str(exc))
-    user = grant.participant
-    bind(user_id=user.user_id)
-    rooms = rooms_for(rt)
-    joined = await rooms.connect(
-        session_id, connection_id, user.user_id, user.name, mode=rt.settings.reply_mode
-    )
-    if joined.stale_session:
-        # The id was still recorded in another session (a lost $disconnect).
-        stale = await rooms.disconnect(joined.stale_session, connection_id)
-        if stale is not None:
-            await publish(
-                rooms,
-                rt.sender(request_context),
-                joined.stale_session,
-                stale.recipients,
-                stale.event,
-            )
+    except RejoinError as exc:  # InvalidSessionId
+        logger.info("connect refused", extra={"reason": type(exc).__name__})
+        count("RefusedConnects")
+        return Answer(400, str(exc))
+    bind(session_id=who.session_id, connection_id=connection_id, user_id=who.user_id)
+    rooms = rt.rooms()
+    try:
+        joined = await rooms.connect(
+            who.session_id,
+            connection_id,
+            who.user_id,
+            who.name,
+            mode=rt.settings.reply_mode,
+            issued_at=who.issued_at,
+            expires_at=who.expires_at,
+        )
+    except TokenRevoked as exc:
+        logger.info("connect refused", extra={"reason": "TokenRevoked"})
+        count("RefusedConnects")
+        return Answer(exc.status, str(exc))
     count("Connects")
     if joined.resumed:
         count("Joins")
     if joined.from_grace:
         count("Resumes")
     logger.info("connected", extra={"epoch": joined.epoch, "resumed": joined.resumed})
-    await publish(rooms, rt.sender(request_context), session_id, joined.recipients, joined.event)
+    sender = rt.sender(request_context)
+    await publish(rooms, sender, who.session_id, joined.recipients, joined.event)
     return Answer(200)
 
 
+def _verify(rt: Runtime, query: dict[str, str] | None) -> Identity:
+    query = query or {}
+    from .keys import validate_session_id
+
+    session_id = validate_session_id(query.get("session"))
+    grant = rt.verifier().verify(query.get("token"), session_id=session_id)
+    return Identity.from_grant(grant)
+
+
 async def on_disconnect(
-    rt: Runtime, *, connection_id: str, request_context: dict[str, Any] | None = None
+    rt: Runtime,
+    *,
+    connection_id: str,
+    authorizer: dict[str, Any] | None = None,
+    request_context: dict[str, Any] | None = None,
 ) -> Answer:
     """Remove a connection; the others see the participant as away."""
     bind(connection_id=connection_id)
-    rooms = rooms_for(rt)
-    found = await rooms.lookup(connection_id)
-    if found is None:
-        return Answer(200)  # never joined, or already removed (a repeated event)
-    session_id, user_id = found
-    bind(session_id=session_id, user_id=user_id)
-    departure = await rooms.disconnect(session_id, connection_id)
+    try:
+        who = identity_from_context(authorizer)
+    except RejoinError:
+        # No identity: the connection was never admitted (or the event is not
+        # API Gateway's); the cleanup finds anything left behind.
+        logger.info("disconnect without an authorizer context")
+        return Answer(200)
+    bind(session_id=who.session_id, user_id=who.user_id)
+    rooms = rt.rooms()
+    departure = await rooms.disconnect(who.session_id, connection_id)
     if departure is not None:
-        bind(user_id=departure.user)
         logger.info("disconnected", extra={"grace_deadline_ms": departure.grace_deadline})
         await publish(
             rooms,
             rt.sender(request_context),
-            session_id,
+            who.session_id,
             departure.recipients,
             departure.event,
         )
@@ -188,6 +181,7 @@ async def on_message(
     *,
     connection_id: str,
     body: str | bytes | None,
+    authorizer: dict[str, Any] | None = None,
     request_context: dict[str, Any] | None = None,
 ) -> Answer:
     """Handle one client frame; every failure becomes an ``error`` frame.
@@ -199,26 +193,39 @@ async def on_message(
     sender = rt.sender(request_context)
     client_id: str | None = None
     try:
-        frame = parse_frame(body, max_text=rt.settings.max_text)
+        who = identity_from_context(authorizer)
+    except RejoinError:
+        await _tell(sender, connection_id, _gone(None))
+        return Answer(200)
+    bind(session_id=who.session_id, user_id=who.user_id)
+    rooms = rt.rooms()
+    session_id = who.session_id
+    try:
+        try:
+            frame = parse_frame(body, max_text=rt.settings.max_text)
+        except FrameError:
+            # A refused frame costs budget too: over it, say so instead.
+            await rooms.ping(session_id, connection_id)
+            raise
         client_id = frame.id if isinstance(frame, Say) else None
-        rooms = rooms_for(rt)
-        found = await rooms.lookup(connection_id)
-        if found is None:
-            raise NotInSession("this connection is not part of any session")
-        session_id, user_id = found
-        bind(session_id=session_id, user_id=user_id)
         if isinstance(frame, Resume):
             await _resume(rt, rooms, sender, session_id, connection_id, frame)
         elif isinstance(frame, Say):
-            await _say(rt, rooms, sender, session_id, connection_id, user_id, frame)
+            await _say(rt, rooms, sender, session_id, connection_id, frame)
         elif isinstance(frame, Ping):
-            await rooms.touch(session_id, connection_id)
-            await send(sender, connection_id, pong_frame(rooms.now_ms()))
+            now_ms = await rooms.ping(session_id, connection_id)
+            await send(sender, connection_id, pong_frame(now_ms))
         elif isinstance(frame, Leave):
-            departure = await rooms.disconnect(session_id, connection_id, left=True)
-            if departure is not None:
-                await publish(rooms, sender, session_id, departure.recipients, departure.event)
-            await sender.close(connection_id)
+            departure = await rooms.leave(session_id, connection_id)
+            await publish(rooms, sender, session_id, departure.recipients, departure.event)
+            seq = departure.event["seq"] if departure.event else None
+            await _tell(sender, connection_id, left_frame(seq))
+            with contextlib.suppress(SendError):
+                await sender.close(connection_id)
+        elif isinstance(frame, Stop):
+            stopping = await rooms.stop(session_id, connection_id, frame.turn)
+            count("StopRequests")
+            await send(sender, connection_id, stopping_frame(stopping["turn"], stopping["running"]))
     except FrameError as exc:
         client_id = client_id or exc.client_id
         if isinstance(exc, RateLimited):
@@ -227,16 +234,8 @@ async def on_message(
         await _tell(
             sender, connection_id, error_frame(exc.code, exc.message, client_id=client_id, **extra)
         )
-    except (NotInSession, SessionGone):
-        await _tell(
-            sender,
-            connection_id,
-            error_frame(
-                "session_gone",
-                "this connection is not in a live session; reconnect to start again",
-                client_id=client_id,
-            ),
-        )
+    except (NotInSession, SessionGone, TokenRevoked, TokenExpired) as exc:
+        await _tell(sender, connection_id, _gone(client_id, exc))
     except NotJoined as exc:
         await _tell(sender, connection_id, error_frame("not_joined", str(exc), client_id=client_id))
     except StoreError:
@@ -244,9 +243,25 @@ async def on_message(
         await _tell(
             sender,
             connection_id,
-            error_frame("internal", "the message was not applied; retry", client_id=client_id),
+            error_frame("internal", "the frame was not applied; retry", client_id=client_id),
         )
     return Answer(200)
+
+
+def _gone(client_id: str | None, exc: Exception | None = None) -> dict[str, Any]:
+    if isinstance(exc, TokenExpired):
+        return error_frame(
+            "token_expired",
+            "this connection's token has expired; reconnect with a new one",
+            client_id=client_id,
+        )
+    if isinstance(exc, TokenRevoked):
+        return error_frame("revoked", "this connection's token was revoked", client_id=client_id)
+    return error_frame(
+        "session_gone",
+        "this connection is not in a live session; reconnect to start again",
+        client_id=client_id,
+    )
 
 
 async def _tell(sender: ConnectionSender, connection_id: str, frame: dict[str, Any]) -> None:
@@ -269,22 +284,49 @@ async def _resume(
         "model": rt.settings.model,
         "offline": not rt.settings.openai_api_key,
     }
+    welcome["limits"] = {
+        "max_text": rt.settings.max_text,
+        "rate_limit": rt.settings.rate_limit,
+        "rate_window_seconds": rt.settings.rate_window_seconds,
+    }
     if welcome["recovered"] and frame.epoch:
         count("RecoveredReplays")
+    pages = page_welcome(welcome)
     logger.info(
         "welcome",
-        extra={"recovered": welcome["recovered"], "replayed": len(welcome["events"])},
+        extra={
+            "recovered": welcome["recovered"],
+            "replayed": len(welcome["events"] or welcome["transcript"] or []),
+            "pages": len(pages),
+        },
     )
-    await send(sender, connection_id, _fit_welcome(welcome))
+    for page in pages:
+        await send(sender, connection_id, page)
 
 
-def _fit_welcome(welcome: dict[str, Any], limit: int = 120 * 1024) -> dict[str, Any]:
-    # A message may be 128 KB: drop the oldest transcript events until it fits
-    # (the client still rebuilds the latest part of the conversation).
-    transcript = welcome.get("transcript")
-    while transcript and len(encode_frame(welcome)) > limit:
-        del transcript[: max(1, len(transcript) // 4)]
-    return welcome
+def page_welcome(welcome: dict[str, Any], limit: int = PAGE_BYTES) -> list[dict[str, Any]]:
+    """Split a welcome's backlog into the welcome and ``replay`` frames under ``limit``.
+
+    The backlog is ``events`` when recovered, else ``transcript``. Every event
+    is kept, in order; ``more`` says whether another page follows.
+    """
+    field = "events" if welcome["recovered"] else "transcript"
+    backlog: list[dict[str, Any]] = list(welcome[field] or [])
+    head = dict(welcome, **{field: []}, more=False)
+    frames: list[dict[str, Any]] = [head]
+    page: list[dict[str, Any]] = head[field]
+    size = len(encode_frame(head))
+    for event in backlog:
+        cost = len(encode_frame(event)) + 1
+        if page and size + cost > limit:
+            frames[-1]["more"] = True
+            nxt = replay_frame([], more=False)
+            frames.append(nxt)
+            page = nxt["events"]
+            size = len(encode_frame(nxt))
+        page.append(event)
+        size += cost
+    return frames
 
 
 async def _say(
@@ -293,34 +335,52 @@ async def _say(
     sender: ConnectionSender,
     session_id: str,
     connection_id: str,
-    user_id: str,
     frame: Say,
 ) -> None:
-    await _rate_limit(rt, f"{session_id}:{user_id}")
-    said = await rooms.say(session_id, connection_id, frame.id, frame.text)
-    bind(user_id=said.user)
+    said = await rooms.say(
+        session_id,
+        connection_id,
+        frame.id,
+        frame.text,
+        addressed=addresses_agent(frame.text, rt.settings.agent_name),
+    )
     if not said.duplicate:
         await publish(rooms, sender, session_id, said.recipients, said.event)
+        count("Messages")
     await _tell(sender, connection_id, ack_frame(frame.id, said.seq, said.duplicate))
-    respond = said.mode == "every" or addresses_agent(frame.text, rt.settings.agent_name)
-    # Queued again for a duplicate too: if the first enqueue failed, the
-    # client's retry completes it; SQS FIFO dedup makes a second copy a no-op.
-    await rt.queue().enqueue(
-        TurnRequest(
-            session_id=session_id,
-            epoch=said.epoch,
-            turn_id=frame.id,
-            respond=respond,
-            input=(TurnInput(said.user, said.name, frame.text, said.seq, frame.id),),
-        )
+    if said.turn:
+        # Queued again for a duplicate too: if the first enqueue failed, the
+        # client's resend completes it; the queue's dedup makes a second copy
+        # a no-op.
+        await _enqueue(rt, sender, session_id, connection_id, frame.id, said)
+
+
+async def _enqueue(
+    rt: Runtime,
+    sender: ConnectionSender,
+    session_id: str,
+    connection_id: str,
+    client_id: str,
+    said: Said,
+) -> None:
+    turn = TurnRequest(
+        session_id=session_id, epoch=said.epoch, turn_id=said.turn, reply_to=said.seq
     )
-    count("Messages")
-
-
-async def _rate_limit(rt: Runtime, identifier: str) -> None:
-    limiter = rt.rate_limiter()
-    if limiter is None:
-        return
-    allowed, retry_after = await limiter(identifier)
-    if not allowed:
-        raise RateLimited(retry_after)
+    try:
+        await rt.queue().enqueue(turn)
+    except Exception:
+        # The message is stored and was delivered; only the agent's turn is
+        # missing. The client can resend the same say to queue it again.
+        logger.exception("could not queue the agent's turn")
+        count("TurnsNotQueued")
+        await _tell(
+            sender,
+            connection_id,
+            error_frame(
+                "turn_not_queued",
+                "the message was delivered, but the agent could not be asked to answer; "
+                "send it again (same id) to retry",
+                client_id=client_id,
+                seq=said.seq,
+            ),
+        )

@@ -18,20 +18,22 @@ from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .config import Settings
-from .errors import ConfigError, StoreUnavailable
+from .errors import ConfigError
 
 if TYPE_CHECKING:
     from ._lua import RedisClient
     from .queue import TurnQueue
+    from .rooms import RoomStore
     from .sender import ConnectionSender
     from .tokens import TokenVerifier
 
-__all__ = ["RateLimiter", "Runtime", "get_runtime", "set_runtime"]
+__all__ = ["Runtime", "get_runtime", "set_runtime"]
 
 T = TypeVar("T")
 
-# Takes an identifier; answers (allowed, seconds until it may retry).
-RateLimiter = Callable[[str], Coroutine[Any, Any, tuple[bool, float]]]
+# API Gateway closes idle connections after its idle timeout; a connection
+# quiet for a minute longer than that has probably lost its $disconnect.
+IDLE_MARGIN_SECONDS = 60
 
 
 class Runtime:
@@ -44,8 +46,8 @@ class Runtime:
             management API at ``settings.ws_endpoint`` (or the event's).
         queue: the turn queue; default: SQS at ``settings.turn_queue_url``.
         redis_factory: builds an Upstash client (one per event loop).
-        rate_limiter: replaces the upstash-ratelimit limiter.
-        agent_factory: builds the agent (default :func:`rejoin.turns.build_agent`).
+        agent_factory: builds the agent; the turn worker's default
+            (:func:`rejoin.turns.build_agent`) when None.
     """
 
     def __init__(
@@ -56,7 +58,6 @@ class Runtime:
         sender: ConnectionSender | None = None,
         queue: TurnQueue | None = None,
         redis_factory: Callable[[], RedisClient] | None = None,
-        rate_limiter: RateLimiter | None = None,
         agent_factory: Callable[[Runtime], Any] | None = None,
     ) -> None:
         self.settings = settings
@@ -66,8 +67,7 @@ class Runtime:
         self._redis_factory = redis_factory
         self._local = threading.local()
         self._verifier: TokenVerifier | None = None
-        self._rate_limiter = rate_limiter
-        self._agent_factory = agent_factory
+        self.agent_factory = agent_factory
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run a coroutine on this thread's long-lived event loop."""
@@ -77,7 +77,7 @@ class Runtime:
             self._local.loop = loop
         return loop.run_until_complete(coro)
 
-    def _bound(self) -> dict[str, Any]:
+    def bound(self) -> dict[str, Any]:
         # Clients (HTTP pools, locks) belong to the event loop that first used
         # them, and one thread may run several loops (Runtime.run's, Mangum's,
         # a test's): keep them per (thread, loop), rebuilt when the loop changes.
@@ -93,7 +93,7 @@ class Runtime:
 
     def redis(self) -> RedisClient:
         """The Upstash client of the running event loop."""
-        bound = self._bound()
+        bound = self.bound()
         client: RedisClient | None = bound.get("redis")
         if client is None:
             if self._redis_factory is not None:
@@ -134,54 +134,22 @@ class Runtime:
             self._queue = SqsTurnQueue(self.settings.turn_queue_url)
         return self._queue
 
-    def agent(self) -> Any:
-        """The agent of the running event loop (its model client is bound to it)."""
-        bound = self._bound()
-        agent = bound.get("agent")
-        if agent is None:
-            factory = self._agent_factory
-            if factory is None:
-                from .turns import build_agent
+    def rooms(self) -> RoomStore:
+        """The room store, configured by the settings, on this loop's client."""
+        from .rooms import RoomStore
 
-                factory = build_agent
-            agent = factory(self)
-            bound["agent"] = agent
-        return agent
-
-    def rate_limiter(self) -> RateLimiter | None:
-        """Per-participant message limit (upstash-ratelimit, sliding window).
-
-        ``None`` when ``REJOIN_RATE_LIMIT`` is 0. Built per event loop, on its
-        thread's Upstash client.
-        """
-        if self._rate_limiter is not None:
-            return self._rate_limiter
         s = self.settings
-        if s.rate_limit <= 0:
-            return None
-        bound = self._bound()
-        limiter: RateLimiter | None = bound.get("limiter")
-        if limiter is None:
-            from upstash_ratelimit.asyncio import Ratelimit, SlidingWindow
-
-            ratelimit = Ratelimit(
-                redis=self.redis(),  # type: ignore[arg-type]
-                limiter=SlidingWindow(max_requests=s.rate_limit, window=s.rate_window_seconds),
-                prefix=f"{s.key_prefix}:ratelimit",
-            )
-
-            async def limit(identifier: str) -> tuple[bool, float]:
-                try:
-                    response = await ratelimit.limit(identifier)
-                except Exception as exc:  # upstash-redis raises httpx and JSON errors as is
-                    raise StoreUnavailable(
-                        f"rate limit check failed ({type(exc).__name__})"
-                    ) from exc
-                return response.allowed, max(0.0, response.reset - time.time())
-
-            limiter = limit
-            bound["limiter"] = limiter
-        return limiter
+        return RoomStore(
+            self.redis(),
+            key_prefix=s.key_prefix,
+            grace_seconds=s.grace_seconds,
+            event_log_size=s.event_log_size,
+            clock=self.clock,
+            idle_seconds=s.idle_timeout_seconds + IDLE_MARGIN_SECONDS,
+            rate_limit=s.rate_limit,
+            rate_window_seconds=s.rate_window_seconds,
+            revocation_seconds=s.token_max_ttl_seconds,
+        )
 
     def verifier(self) -> TokenVerifier:
         """The token verifier (HS256 secret, or a JWKS URL)."""

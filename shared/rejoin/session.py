@@ -11,6 +11,7 @@ Storage: the items are a Redis list of JSON strings, oldest first, at
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 import uuid
@@ -18,7 +19,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from ._lua import RedisClient, Script
-from .errors import StoreError
+from .errors import StoreError, StoreUnavailable
 from .keys import SessionKeys
 
 if TYPE_CHECKING:
@@ -35,6 +36,9 @@ _HEAD = """
 local items, ops, results, meta = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local now, ttl = tonumber(ARGV[2]), tonumber(ARGV[3])
 if not epoch_ok(meta, ARGV[1], now) then return gone('session was deleted or replaced') end
+-- Operation ids are kept 15 minutes, never longer than the session's own TTL.
+local keep = 900000
+if ttl > 0 and ttl < keep then keep = ttl end
 """
 
 _GET = Script(
@@ -83,7 +87,7 @@ _ADD = Script(
 local op = ARGV[4]
 if seen(ops, op) then return 0 end
 push_all(items, ARGV, 5)
-remember(ops, results, op, now)
+remember(ops, results, op, now, keep)
 slide(ttl, {items, meta})
 return 1
 """,
@@ -97,7 +101,7 @@ local op = ARGV[4]
 if seen(ops, op) then return 0 end
 redis.call('DEL', items)
 push_all(items, ARGV, 5)
-remember(ops, results, op, now)
+remember(ops, results, op, now, keep)
 slide(ttl, {items, meta})
 return 1
 """,
@@ -115,11 +119,7 @@ while true do
   if not raw then break end
   if valid_json(raw) then found = raw; break end
 end
-remember(ops, results, op, now)
-if found then
-  redis.call('HSET', results, op, found)
-  redis.call('PEXPIRE', results, RETENTION)
-end
+remember(ops, results, op, now, keep, found)
 slide(ttl, {items, meta})
 return found
 """,
@@ -132,7 +132,7 @@ _CLEAR = Script(
 local op = ARGV[4]
 if seen(ops, op) then return 0 end
 redis.call('DEL', items)
-remember(ops, results, op, now)
+remember(ops, results, op, now, keep)
 return 1
 """,
 )
@@ -185,8 +185,6 @@ class UpstashSession:
         InvalidSessionId: the session id is malformed (before any key is built).
     """
 
-    session_settings: SessionSettings | None = None
-
     def __init__(
         self,
         session_id: str,
@@ -201,11 +199,7 @@ class UpstashSession:
     ) -> None:
         self.keys = SessionKeys(key_prefix, session_id)
         self.session_id = session_id
-        if isinstance(session_settings, dict):
-            from agents.memory.session_settings import coerce_session_settings
-
-            session_settings = coerce_session_settings(session_settings)
-        self.session_settings = session_settings
+        self._settings: Any = session_settings
         if ttl_seconds is not None and ttl_seconds <= 0:
             raise ValueError("ttl_seconds must be positive (or None for no expiry)")
         self._ttl_ms = 0 if ttl_seconds is None else int(ttl_seconds * 1000)
@@ -215,6 +209,28 @@ class UpstashSession:
         self._guard = f"{epoch}|{turn_attempt}" if turn_attempt else (epoch or "")
         self._clock = clock
         self._owns_client = False
+        # (what, operation id) of the last write whose outcome is unknown.
+        self._unsettled: tuple[str, str] | None = None
+
+    @property
+    def session_settings(self) -> SessionSettings:
+        """The settings the SDK reads (``limit``); ``SessionSettings()`` by default.
+
+        Built on first read: importing the SDK costs a cold start, and only the
+        code that runs the agent reads them.
+        """
+        from agents.memory.session_settings import SessionSettings, coerce_session_settings
+
+        if self._settings is None:
+            self._settings = SessionSettings()
+        elif isinstance(self._settings, dict):
+            self._settings = coerce_session_settings(self._settings)
+        settings: SessionSettings = self._settings
+        return settings
+
+    @session_settings.setter
+    def session_settings(self, value: SessionSettings | dict[str, Any] | None) -> None:
+        self._settings = value
 
     @classmethod
     def from_env(
@@ -253,7 +269,7 @@ class UpstashSession:
                 ``session_settings.limit``, and if that is unset too, returns
                 every item. ``0`` (or less) returns ``[]``.
         """
-        resolved = _resolve_limit(limit, self.session_settings)
+        resolved = _resolve_limit(limit, self._settings)
         if resolved is not None and resolved <= 0:
             return []
         raw = await self._run(_GET, "" if resolved is None else resolved)
@@ -264,19 +280,31 @@ class UpstashSession:
         return items
 
     async def add_items(self, items: list[TResponseInputItem]) -> None:
-        """Append ``items`` in order, atomically; an empty list does nothing."""
+        """Append ``items`` in order, atomically; an empty list does nothing.
+
+        Raises:
+            StoreUnavailable: the outcome is unknown (applied whole or not at
+                all). Call ``add_items`` again with the same items: the call
+                reuses the operation id, so the items are stored exactly once.
+        """
         if not items:
             return
-        await self._run(_ADD, uuid.uuid4().hex, *self._serialize(items))
+        payload = self._serialize(items)
+        await self._write(_ADD, "add", payload)
 
     async def pop_item(self) -> TResponseInputItem | None:
-        """Remove and return the latest item, or ``None`` if there is none."""
-        raw = await self._run(_POP, uuid.uuid4().hex)
+        """Remove and return the latest item, or ``None`` if there is none.
+
+        Raises:
+            StoreUnavailable: the outcome is unknown; calling ``pop_item`` again
+                returns the item the first call removed, if it did.
+        """
+        raw = await self._write(_POP, "pop", [])
         return None if raw is None else json.loads(raw)
 
     async def clear_session(self) -> None:
         """Delete every item of the session."""
-        await self._run(_CLEAR, uuid.uuid4().hex)
+        await self._write(_CLEAR, "clear", [])
 
     async def _atomic_replace_items(self, items: list[TResponseInputItem]) -> bool:
         """Replace the whole history in one atomic script.
@@ -284,8 +312,25 @@ class UpstashSession:
         The SDK's compaction session calls this hook (when present) instead of
         clear-then-add, so compaction never leaves an empty or half history.
         """
-        await self._run(_REPLACE, uuid.uuid4().hex, *self._serialize(items))
+        await self._write(_REPLACE, "replace", self._serialize(items))
         return True
+
+    async def _write(self, script: Script, what: str, payload: list[str]) -> Any:
+        # A write whose answer was lost may have been applied. The same write
+        # asked for again right after reuses its operation id, so it lands once.
+        fingerprint = what + ":" + hashlib.sha256("\0".join(payload).encode()).hexdigest()
+        pending = self._unsettled
+        op = pending[1] if pending and pending[0] == fingerprint else uuid.uuid4().hex
+        try:
+            result = await self._run(script, op, *payload)
+        except StoreUnavailable:
+            self._unsettled = (fingerprint, op)
+            raise
+        except BaseException:
+            self._unsettled = None
+            raise
+        self._unsettled = None
+        return result
 
     async def close(self) -> None:
         """Close the client if this session created it (``from_env``)."""

@@ -111,11 +111,14 @@ class Grant:
         participant: who the bearer is.
         session_id: the one session the token grants.
         expires_at: the token's ``exp`` (seconds since the epoch).
+        issued_at: the token's ``iat`` (seconds since the epoch); revocations
+            refuse tokens issued before them.
     """
 
     participant: Participant
     session_id: str
     expires_at: float
+    issued_at: float = 0.0
 
 
 def mint_token(
@@ -331,9 +334,9 @@ def _read_claims(claims: dict[str, Any]) -> tuple[Grant, float, float | None]:
     except InvalidParticipant as exc:
         raise TokenInvalid(f"token's 'sub' or 'name' claim is invalid: {exc}") from None
     exp = _number(claims, "exp")
-    _number(claims, "iat")
+    iat = _number(claims, "iat")
     nbf = _number(claims, "nbf") if "nbf" in claims else None
-    grant = Grant(participant=participant, session_id=sid, expires_at=exp)
+    grant = Grant(participant=participant, session_id=sid, expires_at=exp, issued_at=iat)
     return grant, exp, nbf
 
 

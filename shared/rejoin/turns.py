@@ -1,16 +1,28 @@
 """The turn worker: runs the agent for one queued turn at a time per session.
 
-A turn takes the session's turn lease, remembers how long the history was,
-runs the agent with :class:`UpstashSession` (whose writes need that lease)
-and either commits (logs the reply, marks the turn done) or rolls the history
-back to where it started. So a failed turn leaves no duplicated user input
-and no tool call without its output, and its retry starts clean; a retry of a
-committed turn is a no-op. This module imports the Agents SDK: only the turn
-worker loads it.
+A turn costs two store requests, whatever the number of tool rounds:
+
+1. ``begin_turn`` takes the session's turn lease and returns the history the
+   Runner reads (the message that asked for the turn is already in it: the
+   ``say`` transition put it there).
+2. The Runner runs on a :class:`TurnSession`: reads come from that history,
+   and the SDK's ``add_items`` calls (model output, tool calls and outputs)
+   are held in memory.
+3. ``commit_turn`` writes those items and logs the agent's message in one
+   atomic script, once (a retried commit answers as the first).
+
+A failed turn has written nothing, so there is nothing to roll back: its
+lease is released and the retry starts clean. No duplicated input, no tool
+call without its output. While the agent streams, the worker polls the
+session now and then (who to send deltas to, and whether a participant sent
+``stop``). This module imports the Agents SDK: only the turn worker loads it.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
 import os
 import time
 import uuid
@@ -18,19 +30,21 @@ from collections.abc import Callable
 from typing import Any
 
 import agents
+from agents.memory import SessionSettings
 
-from .errors import SessionGone, TurnBusy
+from .errors import RejoinError, SessionGone, StoreError, TurnBusy
+from .fanout import publish
 from .frames import agent_delta_frame, error_frame
 from .models import build_model, make_current_time_tool
 from .observability import bind, count, log_failure, logger, register_flush
 from .queue import TurnRequest
 from .rooms import RoomStore
-from .routes import publish, rooms_for
 from .runtime import Runtime
 from .sender import ConnectionSender, broadcast
-from .session import UpstashSession
 
 __all__ = [
+    "TurnSession",
+    "agent_for",
     "build_agent",
     "configure_tracing",
     "handle_turn",
@@ -41,8 +55,21 @@ __all__ = [
 
 # Deltas are sent at most this often (seconds): coalesced, not one post per token.
 DELTA_INTERVAL = 0.1
-# Connections that resumed mid-turn start receiving deltas within this long.
-RECIPIENTS_REFRESH = 2.0
+# While the agent runs, the session is polled (recipients, stop) first after
+# POLL_FIRST seconds, then every POLL_EVERY: a short turn costs no poll.
+POLL_FIRST = 1.5
+POLL_EVERY = 3.0
+
+# Item types that are a call answered by an output item with the same call_id.
+_CALLS = {
+    "function_call": "function_call_output",
+    "custom_tool_call": "custom_tool_call_output",
+    "computer_call": "computer_call_output",
+    "local_shell_call": "local_shell_call_output",
+    "shell_call": "shell_call_output",
+    "apply_patch_call": "apply_patch_call_output",
+}
+_OUTPUTS = set(_CALLS.values())
 
 
 _tracing_configured = False
@@ -112,6 +139,87 @@ def build_agent(rt: Runtime) -> agents.Agent[Any]:
     )
 
 
+def agent_for(rt: Runtime) -> agents.Agent[Any]:
+    """The agent of the running event loop (its model's HTTP client is bound to it)."""
+    bound = rt.bound()
+    agent: agents.Agent[Any] | None = bound.get("agent")
+    if agent is None:
+        agent = (rt.agent_factory or build_agent)(rt)
+        bound["agent"] = agent
+    return agent
+
+
+class TurnSession:
+    """The Agents SDK ``Session`` a turn runs on: the history read at the turn's
+    start, plus the items the run adds, held in memory until the commit.
+
+    Args:
+        session_id: the session.
+        history: the history when the turn started, oldest first.
+    """
+
+    def __init__(self, session_id: str, history: list[Any]) -> None:
+        self.session_id = session_id
+        self.session_settings: SessionSettings | None = SessionSettings()
+        self._history = history
+        self.added: list[Any] = []
+
+    async def get_items(self, limit: int | None = None) -> list[Any]:
+        """The history and what the run added, or the latest ``limit`` of them."""
+        items = [*self._history, *self.added]
+        if limit is None and self.session_settings is not None:
+            limit = self.session_settings.limit
+        if limit is None:
+            return items
+        return items[-limit:] if limit > 0 else []
+
+    async def add_items(self, items: list[Any]) -> None:
+        """Hold items until the turn commits."""
+        self.added.extend(json.loads(json.dumps(i)) for i in items)
+
+    async def pop_item(self) -> Any | None:
+        """Take back an item this run added (the SDK rewinds its own writes only)."""
+        return self.added.pop() if self.added else None
+
+    async def clear_session(self) -> None:
+        """Not possible inside a turn."""
+        raise RejoinError("a turn cannot clear its session's history")
+
+
+def complete_items(items: list[Any]) -> list[Any]:
+    """The items without calls that lack their output (or outputs that lack
+    their call), and without reasoning left with nothing after it: what a
+    stopped run leaves must still be a valid history for the next turn."""
+    calls = {i.get("call_id") for i in items if isinstance(i, dict) and i.get("type") in _CALLS}
+    answered = {
+        i.get("call_id") for i in items if isinstance(i, dict) and i.get("type") in _OUTPUTS
+    }
+    kept = [
+        i
+        for i in items
+        if not (
+            isinstance(i, dict)
+            and (
+                (i.get("type") in _CALLS and i.get("call_id") not in answered)
+                or (i.get("type") in _OUTPUTS and i.get("call_id") not in calls)
+            )
+        )
+    ]
+    while kept and isinstance(kept[-1], dict) and kept[-1].get("type") == "reasoning":
+        kept.pop()
+    return kept
+
+
+def _decode_history(raw: list[str]) -> list[Any]:
+    out = []
+    for entry in raw:
+        try:
+            out.append(json.loads(entry))
+        except ValueError:
+            continue  # corrupt entries are skipped, as the SDK's backends do
+    return out
+
+
 def _is_gone(exc: BaseException) -> bool:
     while exc is not None:
         if isinstance(exc, SessionGone):
@@ -126,21 +234,32 @@ async def run_turn(
     *,
     agent: agents.Agent[Any] | None = None,
     monotonic: Callable[[], float] = time.monotonic,
+    poll: tuple[float, float] | None = None,
 ) -> str:
-    """Run one turn; returns ``done``, ``skipped`` (already done) or ``dropped``.
+    """Run one turn; returns ``done``, ``stopped``, ``skipped`` (already done) or ``dropped``.
+
+    Args:
+        poll: seconds before the first poll of the session while the agent
+            runs, and between later ones (default ``POLL_FIRST``, ``POLL_EVERY``).
 
     Raises:
         TurnBusy: another turn of the session holds the lease (retry later).
-        Exception: the agent failed; the history was rolled back and the
-            participants were told, so the turn can be retried as is.
+        Exception: the agent failed; nothing was written, the participants
+            were told, and the turn can be retried as is.
     """
     bind(session_id=turn.session_id)
     _tracing_once()
-    rooms = rooms_for(rt)
+    rooms = rt.rooms()
     attempt = uuid.uuid4().hex
-    lease = rt.settings.turn_lease_seconds
     try:
-        start = await rooms.begin_turn(turn.session_id, turn.epoch, turn.turn_id, attempt, lease)
+        start = await rooms.begin_turn(
+            turn.session_id,
+            turn.epoch,
+            turn.turn_id,
+            attempt,
+            rt.settings.turn_lease_seconds,
+            history_limit=rt.settings.history_limit,
+        )
     except SessionGone:
         logger.info("turn dropped: session gone", extra={"turn": turn.turn_id})
         count("TurnsDropped")
@@ -151,25 +270,27 @@ async def run_turn(
         count("TurnsBusy")
         raise TurnBusy(f"session {turn.session_id} is running another turn")
     sender = rt.sender()
-    session = UpstashSession(
-        turn.session_id,
-        redis=rt.redis(),
-        key_prefix=rt.settings.key_prefix,
-        epoch=turn.epoch,
-        turn_attempt=attempt,
-        clock=rt.clock,
+    session = TurnSession(turn.session_id, _decode_history(start.history))
+    runner = _Stream(
+        rooms, sender, turn, attempt, start.recipients, monotonic, poll or (POLL_FIRST, POLL_EVERY)
     )
-    text = "\n".join(f"{i.name}: {i.text}" for i in turn.input)
     try:
-        if turn.respond:
-            reply = await _stream(
-                rooms, sender, agent or build_agent(rt), text, session, turn, monotonic
-            )
-        else:
-            await session.add_items([{"role": "user", "content": text}])
-            reply = ""
+        reply, stopped = await runner.run(agent or agent_for(rt), session)
+        items = session.added
+        if stopped:
+            items = complete_items(items)
+            if reply:
+                # What the participants saw the agent say stays in its history.
+                items.append({"role": "assistant", "content": reply})
         event, recipients = await rooms.commit_turn(
-            turn.session_id, turn.epoch, turn.turn_id, attempt, reply
+            turn.session_id,
+            turn.epoch,
+            turn.turn_id,
+            attempt,
+            items=[json.dumps(i, separators=(",", ":")) for i in items],
+            reply_text=reply,
+            reply_to=turn.reply_to,
+            stopped=stopped,
         )
     except Exception as exc:
         if _is_gone(exc):
@@ -179,7 +300,9 @@ async def run_turn(
             return "dropped"
         count("TurnFailures")
         log_failure("turn failed", exc, turn=turn.turn_id)
-        told = await rooms.rollback_turn(turn.session_id, turn.epoch, attempt)
+        told: list[str] | None = None
+        with contextlib.suppress(RejoinError):
+            told = await rooms.release_turn(turn.session_id, turn.epoch, turn.turn_id, attempt)
         if told:
             await broadcast(
                 sender,
@@ -188,59 +311,106 @@ async def run_turn(
                     "turn_failed",
                     "the agent could not answer; retrying",
                     turn=turn.turn_id,
+                    reply_to=turn.reply_to,
                 ),
             )
         raise
-    count("Turns")
+    count("TurnsStopped" if stopped else "Turns")
     await publish(rooms, sender, turn.session_id, recipients, event)
-    return "done"
+    return "stopped" if stopped else "done"
 
 
-async def _stream(
-    rooms: RoomStore,
-    sender: ConnectionSender,
-    agent: agents.Agent[Any],
-    text: str,
-    session: UpstashSession,
-    turn: TurnRequest,
-    monotonic: Callable[[], float],
-) -> str:
-    recipients = await rooms.recipients(turn.session_id, turn.epoch)
-    refreshed = last_flush = monotonic()
-    buffer: list[str] = []
-    index = 0
+class _Stream:
+    """Runs the agent streamed: deltas to the participants, polls for ``stop``."""
 
-    async def flush() -> None:
-        nonlocal index, recipients, refreshed, last_flush
-        if not buffer:
+    def __init__(
+        self,
+        rooms: RoomStore,
+        sender: ConnectionSender,
+        turn: TurnRequest,
+        attempt: str,
+        recipients: list[str],
+        monotonic: Callable[[], float],
+        poll: tuple[float, float],
+    ) -> None:
+        self.poll_first, self.poll_every = poll
+        self.rooms = rooms
+        self.sender = sender
+        self.turn = turn
+        self.attempt = attempt
+        self.recipients = recipients
+        self.monotonic = monotonic
+        self.buffer: list[str] = []
+        self.streamed: list[str] = []
+        self.index = 0
+        self.last_flush = monotonic()
+        self.stop_by: str | None = None
+
+    async def flush(self) -> None:
+        if not self.buffer:
             return
-        if monotonic() - refreshed > RECIPIENTS_REFRESH:
-            recipients = await rooms.recipients(turn.session_id, turn.epoch)
-            refreshed = monotonic()
-        frame = agent_delta_frame(turn.turn_id, index, "".join(buffer))
-        buffer.clear()
-        index += 1
-        last_flush = monotonic()
-        if recipients:
-            await broadcast(sender, recipients, frame)
+        frame = agent_delta_frame(
+            self.turn.turn_id, self.index, "".join(self.buffer), self.turn.reply_to
+        )
+        self.buffer.clear()
+        self.index += 1
+        self.last_flush = self.monotonic()
+        if self.recipients:
+            await broadcast(self.sender, self.recipients, frame)
 
-    result = agents.Runner.run_streamed(
-        agent,
-        text,
-        session=session,
-        run_config=agents.RunConfig(
-            workflow_name="rejoin turn",
-            group_id=turn.session_id,
-            trace_metadata={"turn": turn.turn_id, "epoch": turn.epoch},
-        ),
-    )
-    async for event in result.stream_events():
-        if event.type == "raw_response_event" and event.data.type == "response.output_text.delta":
-            buffer.append(event.data.delta)
-            if monotonic() - last_flush >= DELTA_INTERVAL:
-                await flush()
-    await flush()
-    return str(result.final_output or "")
+    async def poll(self, result: agents.RunResultStreaming) -> None:
+        wait = self.poll_first
+        while True:
+            await asyncio.sleep(wait)
+            wait = self.poll_every
+            t = self.turn
+            try:
+                recipients, stop_by, held = await self.rooms.turn_status(
+                    t.session_id, t.epoch, t.turn_id, self.attempt
+                )
+            except SessionGone:
+                stop_by, held, recipients = "", False, []
+            except StoreError as exc:
+                log_failure("could not poll the turn's session", exc, turn=t.turn_id)
+                continue
+            self.recipients = recipients
+            if stop_by or not held:
+                self.stop_by = stop_by or ""
+                result.cancel()
+                return
+
+    async def run(self, agent: agents.Agent[Any], session: TurnSession) -> tuple[str, bool]:
+        t = self.turn
+        result = agents.Runner.run_streamed(
+            agent,
+            [],
+            session=session,
+            run_config=agents.RunConfig(
+                workflow_name="rejoin turn",
+                group_id=t.session_id,
+                trace_metadata={"turn": t.turn_id, "epoch": t.epoch},
+            ),
+        )
+        poller = asyncio.create_task(self.poll(result))
+        try:
+            async for event in result.stream_events():
+                if (
+                    event.type == "raw_response_event"
+                    and event.data.type == "response.output_text.delta"
+                ):
+                    self.buffer.append(event.data.delta)
+                    self.streamed.append(event.data.delta)
+                    if self.monotonic() - self.last_flush >= DELTA_INTERVAL:
+                        await self.flush()
+        finally:
+            poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await poller
+        await self.flush()
+        if self.stop_by is not None:
+            logger.info("turn stopped", extra={"turn": t.turn_id})
+            return "".join(self.streamed), True
+        return str(result.final_output or ""), False
 
 
 def handle_turn(rt: Runtime, turn: TurnRequest, agent: agents.Agent[Any] | None = None) -> str:
