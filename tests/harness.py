@@ -320,11 +320,15 @@ def offline_agent() -> Any:
 
 
 def scripted_agent(steps: list[Any], tools: list[Any] | None = None) -> Any:
-    """An agent on the SDK's own test double, ``agents.testing.ScriptedModel``."""
-    import agents
-    from agents.testing import ScriptedModel
+    """An agent on the SDK's own test double, ``agents.testing.ScriptedModel``.
 
-    return agents.Agent(name="agent", model=ScriptedModel(steps), tools=tools or [])
+    A step may also be plain text (the assistant says it).
+    """
+    import agents
+    from agents.testing import ScriptedModel, assistant_message
+
+    script = [[assistant_message(s)] if isinstance(s, str) else s for s in steps]
+    return agents.Agent(name="agent", model=ScriptedModel(script), tools=tools or [])
 
 
 Factory = Callable[..., Stack]

@@ -378,7 +378,8 @@ class TestTranscript:
             ("message", "ada", "hello agent"),
             ("agent_message", None, events[3]["text"]),
         ]
-        assert events[3]["turn"] == "c-1" and events[3]["text"].startswith("[offline model]")
+        assert events[3]["turn"] == "3" and events[3]["reply_to"] == 3
+        assert events[3]["text"].startswith("[offline model]")
         assert kinds[4:] == [("message", "bob", "hi all"), ("presence", "bob", "away")]
 
     def test_the_admin_may_read_it_too(self, chat: Stack):
@@ -463,9 +464,9 @@ class TestEnd:
         for cid in (ada, bob, carol):
             assert stack.frames(cid)[-1] == {"type": "ended", "reason": "ended_by_api"}
             assert asyncio.run(stack.sender.exists(cid)) is False
-        # AND nothing of the session is left
-        assert session_keys(raw_redis, "s-end") == []
-        assert raw_redis.zscore("rejoin:grace", "s-end") is None
+        # AND nothing of the session is left but the record that revokes its tokens
+        assert session_keys(raw_redis, "s-end") == ["rejoin:{s-end}:revoked"]
+        assert raw_redis.zscore("rejoin:schedule", "s-end") is None
         assert_problem(client.get("/sessions/s-end", headers=admin()), 404, "session_not_found")
         assert_problem(client.delete("/sessions/s-end", headers=admin()), 404, "session_not_found")
         # AND the other session is untouched
@@ -474,12 +475,16 @@ class TestEnd:
         # AND the late $disconnect events bring nothing back
         for cid in (ada, bob, carol):
             stack.drop(cid)
-        assert session_keys(raw_redis, "s-end") == []
+        assert session_keys(raw_redis, "s-end") == ["rejoin:{s-end}:revoked"]
 
     def test_after_the_end_the_same_id_starts_fresh(self, client: TestClient, stack: Stack):
+        old = stack.token("s-again", "ada")
         ada, welcome = stack.join("s-again", "ada")
         stack.say(ada, "before the end")
         client.delete("/sessions/s-again", headers=admin())
+        stack.clock.advance(1)
+        # the tokens of the ended session are revoked; a new one starts afresh
+        assert stack.connect("s-again", "ada", token=old)[0] == 403
         _, fresh = stack.join("s-again", "ada")
         assert fresh["resumed"] is False and fresh["epoch"] != welcome["epoch"]
         texts = [e.get("text") for e in fresh["transcript"]]

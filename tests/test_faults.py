@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 import redis
 from agents.testing import ModelStep, assistant_message
-from harness import LOGGED, Stack, make_stack, offline_agent, scripted_agent
+from harness import Stack, make_stack, offline_agent, scripted_agent
 
 from rejoin import UpstashSession, rooms
 from rejoin import session as store
@@ -96,12 +96,10 @@ def seen(stack: Stack, cid: str, kind: str) -> list[dict[str, Any]]:
 def op_connect(stack: Stack, upstash: Any, kind: str) -> None:
     ada, _ = stack.join("f", "ada")
     inject(upstash, kind, rooms._CONNECT)
-    status, bob = stack.connect("f", "bob")
+    status, _bob = stack.connect("f", "bob")
     assert status == 200
     # Ada saw Bob arrive once ("active, away, active" would be a replayed join)
-    assert [(p["user"], p["status"]) for p in seen(stack, ada, "presence")] == [
-        ("bob", "active")
-    ]
+    assert [(p["user"], p["status"]) for p in seen(stack, ada, "presence")] == [("bob", "active")]
     state = stack.rt.run(stack.rt.rooms().status("f"))
     assert state["connections"] == 2
 
@@ -109,7 +107,7 @@ def op_connect(stack: Stack, upstash: Any, kind: str) -> None:
 def op_resume(stack: Stack, upstash: Any, kind: str) -> None:
     ada, _ = stack.join("f", "ada")
     stack.say(ada, "before bob")
-    status, bob = stack.connect("f", "bob")
+    _status, bob = stack.connect("f", "bob")
     inject(upstash, kind, rooms._RESUME)
     welcome = stack.resume(bob)
     assert [e["text"] for e in welcome["transcript"] if e["type"] == "message"] == ["before bob"]
@@ -200,7 +198,7 @@ def op_stop(stack: Stack, upstash: Any, kind: str) -> None:
 
 
 def op_kick(stack: Stack, upstash: Any, kind: str) -> None:
-    ada, _ = stack.join("f", "ada")
+    _ada, _ = stack.join("f", "ada")
     mal, _ = stack.join("f", "mal")
     inject(upstash, kind, rooms._KICK)
     kicked = stack.rt.run(stack.rt.rooms().kick("f", "mal"))

@@ -19,8 +19,11 @@ from rejoin.frames import (
     encode_frame,
     ended_frame,
     error_frame,
+    left_frame,
     parse_frame,
     pong_frame,
+    replay_frame,
+    stopping_frame,
 )
 
 
@@ -269,10 +272,16 @@ def test_server_frames_match_the_protocol() -> None:
             '{"type":"ack","id":"c-7f1d2a","seq":45,"duplicate":false}',
         ),
         (
-            agent_delta_frame("c-7f1d2a", 0, "We decided to "),
-            '{"type":"agent_delta","turn":"c-7f1d2a","index":0,"text":"We decided to "}',
+            agent_delta_frame("45", 0, "We decided to ", 45),
+            '{"type":"agent_delta","turn":"45","reply_to":45,"index":0,"text":"We decided to "}',
         ),
         (ended_frame("ended_by_api"), '{"type":"ended","reason":"ended_by_api"}'),
+        (left_frame(46), '{"type":"left","seq":46}'),
+        (
+            replay_frame([{"type": "presence", "seq": 3}], more=False),
+            '{"type":"replay","events":[{"type":"presence","seq":3}],"more":false}',
+        ),
+        (stopping_frame("45", True), '{"type":"stopping","turn":"45","running":true}'),
     ]
     for frame, wire in cases:
         assert encode_frame(frame) == wire.encode()

@@ -30,7 +30,9 @@ def test_a_fresh_thread_without_a_loop_gets_its_clients():
 
     def work() -> None:
         try:
-            seen.append(rt.agent())
+            from rejoin.turns import agent_for
+
+            seen.append(agent_for(rt))
             seen.append(rt.redis())
         except BaseException as exc:
             errors.append(exc)

@@ -99,7 +99,8 @@ class TestProtocol:
         session = new_session()
         # THEN the SDK's runtime-checkable protocol accepts it
         assert isinstance(session, Session)
-        assert session.session_settings is None
+        # and its settings default as the SDK's own sessions' do
+        assert session.session_settings == SessionSettings()
 
     async def test_add_and_get_keep_order(self, new_session, raw_redis):
         # GIVEN a session with two batches added

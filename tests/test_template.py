@@ -66,6 +66,7 @@ def t() -> dict[str, Any]:
 # --- helpers ----------------------------------------------------------------------------------
 
 FUNCTIONS = {
+    "AuthorizeFunction": "authorize",
     "ConnectFunction": "connect",
     "MessageFunction": "message",
     "DisconnectFunction": "disconnect",
@@ -80,6 +81,7 @@ WS_ROUTES = {
     "say": "MessageFunction",
     "ping": "MessageFunction",
     "leave": "MessageFunction",
+    "stop": "MessageFunction",
     "$default": "MessageFunction",
 }
 # The Lambda function behind a WebSocket route must answer within API Gateway's 29 s.
@@ -97,6 +99,8 @@ OPENAI_SECRET = {"Ref": "OpenAISecretArn"}
 OTLP_SECRET = {"Ref": "OtlpHeadersSecretArn"}
 # Which secret each function may read, and the environment variable that names it.
 SECRET_READS: dict[str, dict[str, Any]] = {
+    # The authorizer checks signatures only: no store, so no Upstash secret.
+    "AuthorizeFunction": {"REJOIN_TOKEN_SECRET_NAME": TOKEN_SECRET},
     "ConnectFunction": {
         "REJOIN_UPSTASH_SECRET": UPSTASH_SECRET,
         "REJOIN_TOKEN_SECRET_NAME": TOKEN_SECRET,
@@ -118,6 +122,7 @@ SECRET_READS: dict[str, dict[str, Any]] = {
 SQS_SENDERS = {"MessageFunction", "ApiFunction"}
 # execute-api:ManageConnections methods per function.
 CONNECTION_METHODS = {
+    "AuthorizeFunction": set(),
     "ConnectFunction": {"POST"},
     "MessageFunction": {"POST"},
     "DisconnectFunction": {"POST"},
@@ -204,8 +209,22 @@ def test_is_a_sam_template(t):
     assert t["Transform"] == "AWS::Serverless-2016-10-31"
 
 
-def test_exactly_the_six_functions(t):
+def test_exactly_the_seven_functions(t):
     assert set(resources(t, "AWS::Serverless::Function")) == set(FUNCTIONS)
+
+
+def test_connect_goes_through_the_token_authorizer(t):
+    # The authorizer's context reaches every later event of the connection, so
+    # no frame needs a store lookup to learn its session and sender.
+    auth = t["Resources"]["WebSocketApi"]["Properties"]["Auth"]
+    assert auth["AuthType"] == "CUSTOM"
+    assert auth["AuthArn"] == {"Fn::GetAtt": ["AuthorizeFunction", "Arn"]}
+    assert auth["IdentitySource"] == [
+        "route.request.querystring.session",
+        "route.request.querystring.token",
+    ]
+    # and it never reads the store (nor is told where it is)
+    assert env_of(t, "AuthorizeFunction")["REJOIN_UPSTASH_SECRET"] == ""
 
 
 @pytest.mark.parametrize("name", FUNCTIONS)

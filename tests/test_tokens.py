@@ -90,6 +90,7 @@ def test_round_trip_grants_the_participant_and_session() -> None:
         participant=Participant("u-ada", "Ada Lovelace"),
         session_id="standup-42",
         expires_at=T0 + 600,
+        issued_at=T0,
     )
 
 

@@ -10,18 +10,23 @@ from __future__ import annotations
 from typing import Any
 
 from rejoin.authorizer import Unauthorized, authorize
-from rejoin.observability import count, lambda_handler, logger
+from rejoin.observability import bind, count, lambda_handler, logger
 from rejoin.runtime import get_runtime
 
 
 @lambda_handler
 def _decide(event: dict[str, Any], context: Any) -> dict[str, Any] | None:
+    bind(connection_id=(event.get("requestContext") or {}).get("connectionId"))
     try:
-        return authorize(get_runtime().verifier().verify, event)
+        answer = authorize(get_runtime().verifier().verify, event)
     except Unauthorized:
-        logger.info("connect refused by the authorizer")
+        logger.info("connect refused", extra={"reason": "Unauthorized"})
         count("RefusedConnects")
         return None
+    if answer["policyDocument"]["Statement"][0]["Effect"] != "Allow":
+        logger.info("connect refused", extra={"reason": "Forbidden"})
+        count("RefusedConnects")
+    return answer
 
 
 def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:

@@ -517,6 +517,7 @@ class Gateway:
         status, authorizer = await self._authorize(event)
         if authorizer is not None:
             event["requestContext"]["authorizer"] = authorizer
+            status = 500  # unless the handler answers
             try:
                 result = await self._invoke("connect", event)
                 status, headers = _status_of(result)

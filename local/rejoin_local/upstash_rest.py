@@ -575,6 +575,7 @@ class Faults:
         self._queue: list[_Fault] = []
         self._generation = 0
         self._chaos: _Chaos | None = None
+        self._in_flight = 0
 
     def lose_response(
         self, times: int = 1, command: str | None = None, *, script: str | None = None
@@ -630,6 +631,29 @@ class Faults:
             self._queue.clear()
             self._chaos = None
             self._generation += 1
+
+    def settle(self, timeout: float = 10.0) -> bool:
+        """Wait (blocking) until no request is in flight, hung ones included.
+
+        A request released by :meth:`clear` still applies its command; a test
+        that ends while one is hanging calls this, so the late write cannot
+        land in the next test's database. Returns False on timeout.
+        """
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if self._in_flight == 0:
+                    return True
+            time.sleep(_HANG_POLL_SECONDS)
+        return False
+
+    def _started(self) -> None:
+        with self._lock:
+            self._in_flight += 1
+
+    def _finished(self) -> None:
+        with self._lock:
+            self._in_flight -= 1
 
     def pending(self) -> int:
         """How many more requests the pending faults will affect."""
@@ -997,6 +1021,13 @@ class Endpoint:
         return await self._handle(request, "multi")
 
     async def _handle(self, request: Request, mode: _Mode) -> Response:
+        self.faults._started()
+        try:
+            return await self._handle_one(request, mode)
+        finally:
+            self.faults._finished()
+
+    async def _handle_one(self, request: Request, mode: _Mode) -> Response:
         if not self._authorized(request):
             return self._json({"error": "Unauthorized"}, 401)
         self.stats.record_request(request.url.path)

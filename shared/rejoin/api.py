@@ -373,7 +373,7 @@ class MessageEvent(BaseModel):
 
     type: Literal["message"]
     seq: int
-    id: str = Field(description="The client's message id.")
+    id: str = Field(description="The sender's message id (unique per sender).")
     user: str
     name: str
     text: str
@@ -381,23 +381,27 @@ class MessageEvent(BaseModel):
 
 
 class PresenceEvent(BaseModel):
-    """A participant became active, away or left."""
+    """A participant became active, away, left, or was removed."""
 
     type: Literal["presence"]
     seq: int
     user: str
     name: str
-    status: Literal["active", "away", "left"]
+    status: Literal["active", "away", "left", "removed"]
     ts: int
 
 
 class AgentMessageEvent(BaseModel):
-    """The agent's reply to the message whose id is ``turn``."""
+    """The agent's reply to the message whose seq is ``reply_to``."""
 
     type: Literal["agent_message"]
     seq: int
-    turn: str
+    turn: str = Field(description="The turn's id, unique in the epoch.")
+    reply_to: int = Field(description="The seq of the message answered.")
     text: str
+    stopped: bool = Field(
+        default=False, description="A participant stopped the agent; `text` is partial."
+    )
     ts: int
 
 

@@ -25,6 +25,7 @@ from typing import Any
 
 from .errors import AuthError, InvalidSessionId, RejoinError
 from .keys import validate_session_id
+from .observability import bind
 from .tokens import Grant, Participant
 
 __all__ = ["Identity", "Unauthorized", "authorize", "identity_from_context"]
@@ -117,6 +118,7 @@ def authorize(verify: Any, event: dict[str, Any]) -> dict[str, Any]:
         session_id = validate_session_id(query.get("session"))
     except InvalidSessionId:
         return _policy("anonymous", "Deny", method_arn, None)
+    bind(session_id=session_id)
     try:
         grant = verify(query.get("token"), session_id=session_id)
     except AuthError as exc:

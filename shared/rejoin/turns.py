@@ -315,7 +315,10 @@ async def run_turn(
                 ),
             )
         raise
-    count("TurnsStopped" if stopped else "Turns")
+    if stopped:
+        count("TurnsStopped")
+    else:
+        count("Turns")
     await publish(rooms, sender, turn.session_id, recipients, event)
     return "stopped" if stopped else "done"
 
