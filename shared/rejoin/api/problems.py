@@ -29,7 +29,10 @@ __all__ = [
     "FieldError",
     "Problem",
     "install_problem_handlers",
+    "no_route",
     "problem_response",
+    "session_not_found",
+    "unauthorized",
 ]
 
 PROBLEM_JSON = "application/problem+json"

@@ -20,6 +20,7 @@ __all__ = [
     "AgentMessageEvent",
     "CreateSessionRequest",
     "Health",
+    "JsonInt",
     "MessageEvent",
     "ParticipantState",
     "PresenceEvent",
@@ -39,9 +40,6 @@ USER_ID_PATTERN = r"^[A-Za-z0-9_.@:-]{1,128}$"
 # deployment's maximum lifetime when that is shorter).
 DEFAULT_TOKEN_TTL_SECONDS = 3600
 
-# Request bodies: exact JSON types, nothing unknown.
-
-
 _JSON_KINDS: dict[type, str] = {
     bool: "a boolean",
     str: "a string",
@@ -52,8 +50,13 @@ _JSON_KINDS: dict[type, str] = {
 
 
 def _json_integer(value: object) -> object:
-    """A JSON integer: an int, or a number with no fraction (``600.0``, as JSON Schema
-    counts it); never a bool or a string (pydantic's lax mode would take both)."""
+    """Take a JSON integer: an int, or a number with no fraction (``600.0``; JSON
+    Schema counts it as an integer); never a bool or a string, which pydantic's
+    lax mode would convert (``true`` to 1, ``"600"`` to 600).
+
+    Raises:
+        PydanticCustomError: anything else (a 400 ``invalid_request`` naming the field).
+    """
     if isinstance(value, bool) or not isinstance(value, int | float):
         kind = _JSON_KINDS.get(type(value), "another type")
         raise PydanticCustomError(
