@@ -17,8 +17,9 @@ as API Gateway passes it on.
 The participant token is a real HS256 JWT signed with the documented local key
 (``LOCAL_SIGNING_KEY``, also in ``events/env.local.json``) that expires in 2100, so
 ``sam local invoke AuthorizeFunction -e events/authorize.json --env-vars
-events/env.local.json`` passes authentication (``env.local.json`` lifts the maximum
-token lifetime for this sample token). Never use that key anywhere else.
+events/env.local.json`` passes authentication (``env.local.json`` raises the maximum
+token lifetime, ``REJOIN_TOKEN_MAX_TTL_SECONDS``, for it). Never use that key anywhere
+else.
 """
 
 from __future__ import annotations
@@ -66,6 +67,9 @@ TOKEN = mint_token(
     name=NAME,
     ttl_seconds=TOKEN_EXPIRES_AT - TOKEN_ISSUED_AT,
     now=TOKEN_ISSUED_AT,
+    # Far beyond the deployed maximum lifetime (12 h): this local-only token is
+    # accepted because events/env.local.json raises REJOIN_TOKEN_MAX_TTL_SECONDS.
+    max_ttl_seconds=TOKEN_EXPIRES_AT - TOKEN_ISSUED_AT,
 )
 
 

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import importlib.util
 import json
 import re
 from collections.abc import Iterator
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
+from urllib.parse import urljoin, urlsplit
 
 import harness
 import jwt
@@ -23,14 +26,20 @@ from fastapi.testclient import TestClient
 from harness import SECRET, Stack, make_stack, offline_agent
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
+from starlette.applications import Starlette
+from starlette.routing import Mount
 
-import rejoin.api as api_module
+import rejoin.api.routes as api_routes
 from rejoin import upstash_client
+from rejoin.config import Settings
+from rejoin.errors import ConfigError
 from rejoin.runtime import set_runtime
 from rejoin_local.handlers import load_api_app, load_handler
 
 ADMIN_KEY = "test-admin-key-0123456789-abcdefghijklmnop"
-EVENTS = Path(__file__).resolve().parents[1] / "events"
+ROOT = Path(__file__).resolve().parents[1]
+EVENTS = ROOT / "events"
+CONNECTED_AT = 1764103500.0  # events/generate.py's CONNECTED_AT_MS
 
 APP = load_api_app()
 
@@ -245,7 +254,7 @@ class TestTokens:
     @pytest.mark.parametrize(
         ("body", "field"),
         [
-            ({"user_id": "u", "name": "U", "ttl_seconds": 24 * 3600 + 1}, "body.ttl_seconds"),
+            ({"user_id": "u", "name": "U", "ttl_seconds": 12 * 3600 + 1}, "body.ttl_seconds"),
             ({"user_id": "u", "name": "U", "ttl_seconds": 0}, "body.ttl_seconds"),
             ({"user_id": "u u", "name": "U"}, "body.user_id"),
             ({"user_id": "u", "name": ""}, "body.name"),
@@ -575,7 +584,7 @@ class TestErrors:
         async def broken(*args: Any, **kwargs: Any) -> Any:
             raise RuntimeError(secret)
 
-        monkeypatch.setattr(api_module, "session_status", broken)
+        monkeypatch.setattr(api_routes, "session_status", broken)
         # WHEN a route runs into it
         response = client.get("/sessions/s-1", headers=admin())
         # THEN a 500 problem without the exception's text
@@ -589,8 +598,8 @@ class TestErrors:
         assert record.stack[-1].endswith(" in broken")  # type: ignore[attr-defined]
         assert secret not in caplog.text and secret not in repr(record.__dict__)
 
-    def test_the_openapi_schema_documents_problems_and_credentials(self, client: TestClient):
-        schema = client.get("/openapi.json").json()
+    def test_the_openapi_schema_documents_problems_and_credentials(self):
+        schema = APP.openapi()
         assert set(schema["components"]["securitySchemes"]) == {"AdminKey", "ParticipantToken"}
         for path, operations in schema["paths"].items():
             for method, operation in operations.items():
@@ -602,6 +611,366 @@ class TestErrors:
         transcript = schema["paths"]["/sessions/{session_id}/transcript"]["get"]
         assert transcript["security"] == [{"AdminKey": []}, {"ParticipantToken": []}]
         assert schema["paths"]["/sessions"]["post"]["security"] == [{"AdminKey": []}]
+
+
+# --- strict types (issue 9): no bool for an integer, no string for a number ------------
+
+
+def mint(client: TestClient, body: Any, session: str = "s-1") -> Any:
+    return client.post(f"/sessions/{session}/tokens", json=body, headers=admin())
+
+
+class TestStrictTypes:
+    def test_ttl_seconds_true_is_not_a_one_second_token(self, client: TestClient):
+        # GIVEN the issue's attack: `"ttl_seconds": true`, as raw JSON
+        response = client.post(
+            "/sessions/s-1/tokens",
+            content=b'{"user_id": "u", "name": "U", "ttl_seconds": true}',
+            headers={**admin(), "content-type": "application/json"},
+        )
+        # THEN a 400 problem naming the field and the boolean, and no token
+        problem = assert_problem(response, 400, "invalid_request")
+        assert problem["errors"] == [
+            {
+                "field": "body.ttl_seconds",
+                "message": "Input should be a valid integer, not a boolean",
+                "type": "int_type",
+            }
+        ]
+        assert "token" not in problem
+
+    @pytest.mark.parametrize(
+        ("body", "field"),
+        [
+            ({"user_id": "u", "name": "U", "ttl_seconds": False}, "body.ttl_seconds"),
+            ({"user_id": "u", "name": "U", "ttl_seconds": "600"}, "body.ttl_seconds"),
+            ({"user_id": "u", "name": "U", "ttl_seconds": "1e3"}, "body.ttl_seconds"),
+            ({"user_id": "u", "name": "U", "ttl_seconds": 600.5}, "body.ttl_seconds"),
+            ({"user_id": "u", "name": "U", "ttl_seconds": None}, "body.ttl_seconds"),
+            ({"user_id": "u", "name": "U", "ttl_seconds": [600]}, "body.ttl_seconds"),
+            ({"user_id": "u", "name": "U", "ttl_seconds": {"s": 600}}, "body.ttl_seconds"),
+            ({"user_id": 42, "name": "U"}, "body.user_id"),
+            ({"user_id": True, "name": "U"}, "body.user_id"),
+            ({"user_id": "u", "name": 42}, "body.name"),
+            ({"user_id": "u", "name": False}, "body.name"),
+            ({"user_id": "u", "name": None}, "body.name"),
+        ],
+    )
+    def test_a_token_request_takes_exact_json_types(
+        self, client: TestClient, body: dict[str, Any], field: str
+    ):
+        # GIVEN a body with one field of the wrong JSON type / WHEN minting
+        response = mint(client, body)
+        # THEN 400 invalid_request naming exactly that field, and no token
+        problem = assert_problem(response, 400, "invalid_request")
+        assert [e["field"] for e in problem["errors"]] == [field]
+        assert "token" not in problem and "eyJ" not in response.text
+
+    def test_an_integral_number_is_an_integer(self, client: TestClient, stack: Stack):
+        # GIVEN 600.0: a JSON number without a fraction is an integer (JSON Schema's rule)
+        response = mint(client, {"user_id": "u", "name": "U", "ttl_seconds": 600.0})
+        # THEN it is taken as 600 seconds
+        assert response.status_code == 200, response.text
+        assert response.json()["expires_at"] == int(stack.clock()) + 600
+
+    @pytest.mark.parametrize(
+        ("body", "code", "field"),
+        [
+            ({"session_id": 42}, "invalid_session_id", "body.session_id"),
+            ({"session_id": True}, "invalid_session_id", "body.session_id"),
+            ({"session_id": "s-1", "mode": True}, "invalid_request", "body.mode"),
+            ({"session_id": "s-1", "mode": 1}, "invalid_request", "body.mode"),
+        ],
+    )
+    def test_a_session_request_takes_exact_json_types(
+        self,
+        client: TestClient,
+        raw_redis: redis.Redis,
+        body: dict[str, Any],
+        code: str,
+        field: str,
+    ):
+        # GIVEN a number or a bool where a string is expected / WHEN creating a session
+        response = client.post("/sessions", json=body, headers=admin())
+        # THEN a 400 naming the field, and nothing is stored
+        problem = assert_problem(response, 400, code)
+        assert [e["field"] for e in problem["errors"]] == [field]
+        assert raw_redis.keys("*") == []
+
+
+# --- token lifetime (issue 9): bounded by the deployment's maximum ----------------------
+
+
+class TestTokenLifetime:
+    def test_the_default_maximum_is_twelve_hours(self, client: TestClient, stack: Stack):
+        # GIVEN a deployment with the default maximum lifetime
+        assert stack.settings.token_max_ttl_seconds == 12 * 3600
+        # WHEN a token for exactly 12 h is minted / THEN it is issued and connects
+        response = mint(client, {"user_id": "u-ada", "name": "Ada", "ttl_seconds": 12 * 3600})
+        assert response.status_code == 200, response.text
+        assert response.json()["expires_at"] == int(stack.clock()) + 12 * 3600
+        status, _ = stack.connect("s-1", "ignored", token=response.json()["token"])
+        assert status == 200
+        # AND one second more, or a hundred years, is a 400 naming the maximum
+        for ttl in (12 * 3600 + 1, 100 * 365 * 24 * 3600):
+            problem = assert_problem(
+                mint(client, {"user_id": "u", "name": "U", "ttl_seconds": ttl}),
+                400,
+                "invalid_request",
+            )
+            assert problem["errors"][0]["field"] == "body.ttl_seconds"
+            assert (
+                "43200" in problem["detail"] and "REJOIN_TOKEN_MAX_TTL_SECONDS" in problem["detail"]
+            )
+
+    def test_a_lower_maximum_bounds_the_default_and_the_request(self, upstash: Any):
+        # GIVEN a deployment whose tokens live at most 10 minutes
+        stack = make_stack(upstash, admin_key=ADMIN_KEY, token_max_ttl_seconds=600)
+        try:
+            with TestClient(APP) as c:
+                # WHEN a token is minted without a ttl / THEN it lives the maximum, not 1 h
+                body = mint(c, {"user_id": "u", "name": "U"}).json()
+                claims = jwt.decode(
+                    body["token"], SECRET, algorithms=["HS256"], audience="rejoin",
+                    options={"verify_exp": False},
+                )  # fmt: skip
+                assert claims["exp"] - claims["iat"] == 600
+                assert claims["iat"] == int(stack.clock())
+                # AND 601 s is refused, 600 s is issued
+                assert_problem(
+                    mint(c, {"user_id": "u", "name": "U", "ttl_seconds": 601}),
+                    400,
+                    "invalid_request",
+                )
+                assert mint(c, {"user_id": "u", "name": "U", "ttl_seconds": 600}).status_code == 200
+        finally:
+            set_runtime(None)
+
+    def test_long_lived_and_future_tokens_are_refused_at_connect(
+        self, stack: Stack, raw_redis: redis.Redis
+    ):
+        # GIVEN the issue's two tokens, signed with the deployment's own key: valid for a
+        # hundred years, and issued ten years from now
+        now = int(stack.clock())
+        century, decade = 100 * 365 * 24 * 3600, 10 * 365 * 24 * 3600
+        for iat, exp in ((now, now + century), (now + decade, now + decade + 600)):
+            claims = {"sub": "eve", "name": "Eve", "sid": "s-1", "iat": iat, "exp": exp}
+            token = jwt.encode({**claims, "aud": "rejoin"}, SECRET, algorithm="HS256")
+            # WHEN $connect is called with it
+            status, _ = stack.connect("s-1", "eve", token=token)
+            # THEN 401, and nothing is stored
+            assert status == 401
+            assert raw_redis.keys("rejoin:*") == []
+
+    def test_a_hundred_year_token_reads_nothing(self, client: TestClient, stack: Stack):
+        # GIVEN a live session, and tokens signed with the deployment's own key that
+        # live a hundred years, or were issued ten years from now
+        stack.join("s-1", "ada")
+        now = int(stack.clock())
+        century = 100 * 365 * 24 * 3600
+        decade = 10 * 365 * 24 * 3600
+        for iat, exp, reason in (
+            (now, now + century, "maximum"),
+            (now + decade, now + decade + 600, "issued in the future"),
+        ):
+            claims = {"sub": "ada", "name": "Ada", "sid": "s-1", "iat": iat, "exp": exp}
+            token = jwt.encode({**claims, "aud": "rejoin"}, SECRET, algorithm="HS256")
+            # WHEN it reads the transcript / THEN 401, saying why, and nothing of the session
+            response = client.get("/sessions/s-1/transcript", headers=bearer(token))
+            problem = assert_problem(response, 401, "unauthorized")
+            assert reason in problem["detail"] and token not in response.text
+            assert "events" not in problem
+
+
+# --- the docs (issue 9): off unless turned on, and then without a CDN --------------------
+
+DOCS_PATHS = [
+    "/docs",
+    "/redoc",
+    "/openapi.json",
+    "/docs/oauth2-redirect",
+    "/docs/assets/swagger-ui-bundle.js",
+    "/docs/assets/swagger-init.js",
+]
+
+
+def deployed_api_env() -> dict[str, str]:
+    """The ApiFunction's environment as template.yaml sets it with default parameters
+    (values that need AWS, such as ARNs and URLs of created resources, left out)."""
+    from test_template import env_of, load_template
+
+    t = load_template()
+    env: dict[str, str] = {}
+    for var, value in env_of(t, "ApiFunction").items():
+        if isinstance(value, str):
+            env[var] = value
+        elif isinstance(value, dict) and set(value) == {"Ref"}:
+            default = t["Parameters"].get(value["Ref"], {}).get("Default")
+            if default is not None:
+                env[var] = str(default)
+    return env
+
+
+class _Links(HTMLParser):
+    """Every URL a page loads or links to (src, href), and its inline scripts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.urls: list[str] = []
+        self.inline_scripts = 0
+        self._in_script = False
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        found = dict(attrs)
+        for name in ("src", "href", "spec-url", "data-openapi-url"):
+            if found.get(name):
+                self.urls.append(str(found[name]))
+        if tag == "script" and not found.get("src"):
+            self.inline_scripts += 1
+
+
+class TestDocs:
+    def test_the_deployed_default_is_off(self):
+        # GIVEN the ApiFunction's environment as the template sets it by default
+        env = deployed_api_env()
+        # THEN the docs are off there
+        assert env["REJOIN_API_DOCS"] == "false"
+        assert Settings.from_env(env).api_docs is False
+
+    @pytest.mark.parametrize("path", DOCS_PATHS)
+    def test_off_every_docs_path_is_an_unknown_route(self, client: TestClient, path: str):
+        # GIVEN a deployment with the docs off (the default) / WHEN any method asks for them
+        unknown = client.get("/no-such-route").json()
+        for method in ("GET", "HEAD", "POST", "PUT", "DELETE"):
+            response = client.request(method, path, headers=admin())
+            # THEN the same 404 as a path the API never had, even with the admin key
+            assert response.status_code == 404, (method, response.text)
+            if method != "HEAD":
+                body = assert_problem(response, 404, "not_found")
+                assert body == {**unknown, "detail": f"no route {path!r}"}
+            assert "<html" not in response.text.lower() and '"paths"' not in response.text
+
+    @pytest.mark.parametrize(
+        ("value", "on"),
+        [("1", True), ("true", True), ("YES", True), ("on", True), ("0", False),
+         ("false", False), ("", False), ("off", False)],
+    )  # fmt: skip
+    def test_rejoin_api_docs_turns_them_on(self, value: str, on: bool):
+        assert Settings.from_env({"REJOIN_API_DOCS": value}).api_docs is on
+
+    def test_a_malformed_rejoin_api_docs_is_a_config_error(self):
+        with pytest.raises(ConfigError, match="REJOIN_API_DOCS"):
+            Settings.from_env({"REJOIN_API_DOCS": "maybe"})
+
+    @pytest.fixture
+    def docs(self, upstash: Any) -> Iterator[TestClient]:
+        make_stack(upstash, admin_key=ADMIN_KEY, api_docs=True, token_max_ttl_seconds=7200)
+        with TestClient(APP) as c:
+            yield c
+        set_runtime(None)
+
+    def test_on_the_page_loads_only_packaged_assets(self, docs: TestClient):
+        # WHEN the docs page is fetched with the docs on
+        page = "/docs"
+        response = docs.get(page)
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/html")
+        # THEN it names no URL outside this API: no scheme, no host, no CDN
+        for marker in ("http:", "https:", "//", "cdn", "jsdelivr", "unpkg", "googleapis"):
+            assert marker not in response.text.lower(), marker
+        # AND it runs no inline script, under a policy that allows this origin only
+        links = _Links()
+        links.feed(response.text)
+        assert links.inline_scripts == 0
+        policy = response.headers["content-security-policy"]
+        assert "script-src 'self';" in policy and "connect-src 'self';" in policy
+        assert "default-src 'none'" in policy
+        # AND every URL it loads is served here, with the right type
+        kinds = {".js": "text/javascript", ".css": "text/css", ".png": "image/png"}
+        assert links.urls
+        for url in links.urls:
+            assert not urlsplit(url).scheme and not urlsplit(url).netloc, url
+            asset = docs.get(urljoin(f"http://testserver{page}", url))
+            assert asset.status_code == 200, url
+            suffix = Path(urlsplit(url).path).suffix
+            expected = kinds.get(suffix, "application/json")
+            assert asset.headers["content-type"].startswith(expected), url
+
+    def test_on_swagger_ui_is_the_packaged_bundle_without_the_validator(self, docs: TestClient):
+        # GIVEN the package pinned in functions/api/requirements.txt
+        pinned = (ROOT / "functions" / "api" / "requirements.txt").read_text()
+        assert "fastapi-offline==" in pinned
+        spec = importlib.util.find_spec("fastapi_offline")
+        assert spec and spec.submodule_search_locations
+        static = Path(next(iter(spec.submodule_search_locations))) / "static"
+        # WHEN the bundle and the start-up script are fetched
+        bundle = docs.get("/docs/assets/swagger-ui-bundle.js")
+        init = docs.get("/docs/assets/swagger-init.js").text
+        # THEN the bundle is the package's file, and the badge that would send the
+        # schema's URL to validator.swagger.io is off
+        assert bundle.content == (static / "swagger-ui-bundle.js").read_bytes()
+        assert "validatorUrl: null" in init and "http" not in init
+        assert "persistAuthorization: false" in init
+
+    def test_on_the_schema_is_the_apps_with_the_deployments_maximum(self, docs: TestClient):
+        # WHEN the schema is fetched from a deployment allowing 2-hour tokens
+        served = docs.get("/openapi.json")
+        assert served.status_code == 200
+        schema = served.json()
+        # THEN it is the app's schema, with that maximum for ttl_seconds
+        ttl = schema["components"]["schemas"]["TokenRequest"]["properties"]["ttl_seconds"]
+        assert ttl["maximum"] == 7200 and ttl["type"] == "integer"
+        expected = APP.openapi()
+        assert schema["paths"] == expected["paths"]
+        # AND the app's own copy is untouched (other deployments' defaults)
+        original = expected["components"]["schemas"]["TokenRequest"]["properties"]
+        assert original["ttl_seconds"]["maximum"] == 12 * 3600
+
+    @pytest.mark.parametrize(
+        "path",
+        [
+            "/docs/assets/nope.js",
+            "/docs/assets/swagger-ui-bundle.js.map",
+            "/docs/assets/../app.py",
+            "/docs/assets/%2e%2e/%2e%2e/requirements.txt",
+            "/docs/assets/",
+            "/docs/assets/redoc.standalone.js",
+            "/docs/",
+            "/redoc",
+        ],
+    )
+    def test_on_nothing_else_is_served(self, docs: TestClient, path: str):
+        assert_problem(docs.get(path), 404, "not_found")
+
+    def test_on_where_the_app_is_mounted_the_links_follow(self, upstash: Any):
+        # GIVEN the app mounted at /api (as the local stack mounts it), docs on
+        make_stack(upstash, admin_key=ADMIN_KEY, api_docs=True)
+        outer = Starlette(routes=[Mount("/api", app=APP)])
+        try:
+            with TestClient(outer) as c:
+                # WHEN the page and the schema are fetched under /api
+                page = c.get("/api/docs")
+                schema = c.get("/api/openapi.json").json()
+                links = _Links()
+                links.feed(page.text)
+                # THEN the page's assets resolve under /api, and "Try it out" calls /api
+                for url in links.urls:
+                    assert c.get(urljoin("http://testserver/api/docs", url)).status_code == 200
+                assert schema["servers"] == [{"url": "/api"}]
+        finally:
+            set_runtime(None)
+
+    def test_the_local_stack_turns_them_on(self, upstash: Any):
+        # GIVEN the local stack's configuration (what `make dev` runs), and the README
+        from rejoin_local.stack import StackConfig
+
+        config = StackConfig(upstash_url=upstash.url, upstash_token=upstash.token, env={})
+        # THEN its settings have the docs on, where the README says they are
+        assert config.settings(upstash.url).api_docs is True
+        assert "/api/docs" in (ROOT / "README.md").read_text()
+        # AND an explicit REJOIN_API_DOCS=0 turns them off there too
+        off = StackConfig(env={"REJOIN_API_DOCS": "0"}).settings(upstash.url)
+        assert off.api_docs is False
 
 
 # --- Lambda: Mangum with API Gateway HTTP API (payload 2.0) events ----------------------
@@ -629,8 +998,15 @@ def lambda_stack(upstash: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Stac
     # instead of being retried quietly.
     monkeypatch.setattr(harness, "upstash_client", functools.partial(upstash_client, retries=0))
     s = make_stack(
-        upstash, admin_key=env["REJOIN_ADMIN_KEY"], token_secret=env["REJOIN_TOKEN_SECRET"]
+        upstash,
+        admin_key=env["REJOIN_ADMIN_KEY"],
+        token_secret=env["REJOIN_TOKEN_SECRET"],
+        # The sample token lives until 2100: only the local env's raised maximum takes it.
+        token_max_ttl_seconds=int(env["REJOIN_TOKEN_MAX_TTL_SECONDS"]),
     )
+    # The events' story happens at their connect time (the sample token is issued a
+    # minute before it: earlier, it would be a token from the future).
+    s.clock.t = CONNECTED_AT
     # Mangum runs the app on this thread's current event loop, while the
     # WebSocket handlers the harness calls run Runtime.run's loop on the same
     # thread: the API must not reuse a client bound to the other loop.
@@ -675,6 +1051,32 @@ class TestLambda:
         assert status == 404 and body["code"] == "session_not_found"
         assert headers["content-type"] == "application/problem+json"
 
+    def test_ttl_seconds_true_is_refused_through_lambda(self, lambda_stack: Stack):
+        # GIVEN the sample mint event with the issue's attack in its body
+        event = load_event("api-mint-token.json")
+        event["body"] = json.dumps({"user_id": "u-ada", "name": "Ada", "ttl_seconds": True})
+        event["headers"]["content-length"] = str(len(event["body"]))
+        # WHEN the function handles it / THEN a 400 problem, no token
+        status, headers, body = invoke(event)
+        assert status == 400 and body["code"] == "invalid_request", body
+        assert body["errors"][0]["field"] == "body.ttl_seconds"
+        assert "token" not in body and headers["content-type"] == "application/problem+json"
+
+    @pytest.mark.parametrize("path", ["/docs", "/openapi.json", "/redoc"])
+    def test_docs_are_off_through_lambda_as_deployed(self, lambda_stack: Stack, path: str):
+        # GIVEN the function configured as the template deploys it (ApiDocs default)
+        assert lambda_stack.settings.api_docs is Settings.from_env(deployed_api_env()).api_docs
+        assert lambda_stack.settings.api_docs is False
+        # WHEN an HTTP API event asks for the docs
+        event = load_event("api-health.json")
+        event["rawPath"] = event["requestContext"]["http"]["path"] = path
+        event["pathParameters"] = {"proxy": path.lstrip("/")}
+        status, headers, body = invoke(event)
+        # THEN the same 404 as any unknown path, nothing of the schema
+        assert status == 404 and body["code"] == "not_found", body
+        assert headers["content-type"] == "application/problem+json"
+        assert "paths" not in body
+
     def test_status_event_without_the_admin_key_is_refused(self, lambda_stack: Stack):
         event = load_event("api-status.json")
         event["headers"]["authorization"] = "Bearer not-the-key"
@@ -685,9 +1087,10 @@ class TestLambda:
 
 # --- schemathesis: every route against the app's own OpenAPI schema ---------------------
 
-# Loaded from the app itself, in process (no network). Eager: schemathesis' lazy
-# fixture loader does not work with this pytest.
-schema = schemathesis.openapi.from_asgi("/openapi.json", APP)
+# Built by the app itself, in process (no network; /openapi.json is off by default).
+# Eager: schemathesis' lazy fixture loader does not work with this pytest.
+schema = schemathesis.openapi.from_dict(json.loads(json.dumps(APP.openapi())))
+schema.app = APP
 # The schema's `display-name` format: printable characters, not only spaces.
 schemathesis.openapi.format(
     "display-name",
@@ -716,3 +1119,74 @@ def test_openapi_conformance(case: Any, example_session: Stack) -> None:
     # WHEN schemathesis calls a route with data from its schema, with the admin key
     # THEN no 5xx, and every answer (status, content type, body, headers) is as documented
     case.call_and_validate(headers=admin())
+
+
+# --- the docs in a real browser, offline (issue 9) ---------------------------------------
+
+CHROMIUM = "/usr/bin/chromium"  # Debian's; `make test` installs it (scripts/ensure-chromium.sh)
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update"]  # fmt: skip
+
+
+@pytest.fixture
+def local_stack(upstash: Any) -> Iterator[Any]:
+    """The stack `make dev` runs (its own settings: docs on), on a free port."""
+    import os
+
+    from rejoin_local.stack import Stack as LocalStack
+    from rejoin_local.stack import StackConfig
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "REJOIN_"))}
+    config = StackConfig(port=0, upstash_url=upstash.url, upstash_token=upstash.token, env=env)
+    stack = LocalStack(config)
+    with stack.serve_in_thread() as urls:
+        yield urls
+    set_runtime(None)
+
+
+@pytest.mark.browser
+def test_the_local_docs_work_offline_in_chromium(local_stack: Any):
+    """Everything the page asks for outside the stack is refused and recorded."""
+    import os
+
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.skip("Chromium is not installed (scripts/ensure-chromium.sh installs it)")
+    playwright = pytest.importorskip("playwright.sync_api")
+    base = urlsplit(local_stack.http)
+    outside: list[str] = []
+    problems: list[str] = []
+
+    def route(r: Any) -> None:
+        if urlsplit(r.request.url).netloc == base.netloc:
+            r.continue_()
+        else:  # a CDN, a validator, a font service: the offline machine has none
+            outside.append(r.request.url)
+            r.abort()
+
+    with playwright.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            context = browser.new_context()
+            context.set_default_timeout(15_000)
+            context.route("**/*", route)
+            tab = context.new_page()
+            tab.on("console", lambda m: m.type == "error" and problems.append(m.text))
+            tab.on("pageerror", lambda exc: problems.append(str(exc)))
+            # WHEN the README's /api/docs is opened
+            tab.goto(f"{local_stack.api}/docs")
+            # THEN the page renders the API from packaged assets only
+            tab.wait_for_selector(".swagger-ui .info .title:has-text('rejoin HTTP API')")
+            tab.get_by_text("/sessions/{session_id}/tokens").first.wait_for()
+            # AND "Try it out" reaches the API where the stack mounts it
+            health = "#operations-health-get_health_health_get"
+            tab.click(f"{health} .opblock-summary")
+            tab.click(f"{health} button.try-out__btn")
+            tab.click(f"{health} button.execute")
+            tab.wait_for_selector(
+                f"{health} .live-responses-table .response-col_status:has-text('200')"
+            )
+        finally:
+            browser.close()
+    # AND nothing was fetched from elsewhere, and no script or policy error happened
+    assert outside == []
+    assert problems == []

@@ -89,7 +89,12 @@ def test_sample_token_verifies_with_the_local_key():
     from rejoin.tokens import TokenVerifier
 
     token = load_json("connect.json")["queryStringParameters"]["token"]
-    verifier = TokenVerifier(secret=ENV_LOCAL["REJOIN_TOKEN_SECRET"])
+    # The sample token lives until 2100: only the local env's raised maximum lifetime
+    # accepts it (a deployment's default, 12 h, refuses it).
+    verifier = TokenVerifier(
+        secret=ENV_LOCAL["REJOIN_TOKEN_SECRET"],
+        max_ttl_seconds=int(ENV_LOCAL["REJOIN_TOKEN_MAX_TTL_SECONDS"]),
+    )
     grant = verifier.verify(token, session_id=SESSION)
     assert grant.participant.user_id == "u-ada"
     assert grant.participant.name == "Ada"

@@ -20,6 +20,7 @@ from jwt import PyJWKClient
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
 from rejoin import tokens
+from rejoin.config import Settings
 from rejoin.errors import (
     AuthError,
     ConfigError,
@@ -30,12 +31,24 @@ from rejoin.errors import (
     TokenMissing,
     TokenWrongSession,
 )
-from rejoin.tokens import Grant, Participant, TokenVerifier, main, mint_token
+from rejoin.runtime import Runtime
+from rejoin.tokens import (
+    DEFAULT_IAT_LEEWAY_SECONDS,
+    DEFAULT_MAX_TTL_SECONDS,
+    MAX_TOKEN_CHARS,
+    Grant,
+    Participant,
+    TokenVerifier,
+    main,
+    mint_token,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "s3cret-for-tests-0123456789-abcdefghij"
 OTHER_SECRET = "another-secret-for-tests-9876543210-zyxw"
 T0 = 1_700_000_000.0
+HOUR = 3600
+YEAR = 365 * 24 * HOUR
 
 
 def _mint(**overrides: Any) -> str:
@@ -85,7 +98,7 @@ def test_round_trip_grants_the_participant_and_session() -> None:
     token = _mint(name="  Ada Lovelace  ")
     # WHEN it is verified for that session within its lifetime
     grant = _verifier().verify(token, session_id="standup-42")
-    # THEN the grant names her (name stripped), the session and the expiry
+    # THEN the grant names her (name stripped), the session, the expiry and the issue time
     assert grant == Grant(
         participant=Participant("u-ada", "Ada Lovelace"),
         session_id="standup-42",
@@ -139,6 +152,159 @@ def test_leeway_and_not_before() -> None:
     with pytest.raises(TokenInvalid, match="not valid yet"):
         _verifier(T0).verify(early, session_id="standup-42")
     assert _verifier(T0 + 61).verify(early, session_id="standup-42")
+
+
+# --- lifetime and issue time (issue 9) -------------------------------------------
+
+
+def _signed(**overrides: Any) -> str:
+    """A token correctly signed with the verifier's secret, with these claims changed."""
+    return jwt.encode(_claims(**overrides), SECRET, algorithm="HS256")
+
+
+def test_a_token_issued_ten_years_in_the_future_is_refused() -> None:
+    # GIVEN a correctly signed token whose iat is ten years ahead (with a short life after it)
+    future = int(T0) + 10 * YEAR
+    token = _signed(iat=future, exp=future + 600)
+    # WHEN it is verified now
+    with pytest.raises(TokenInvalid) as info:
+        _verifier(T0).verify(token, session_id="standup-42")
+    # THEN it is refused as issued in the future (401), not accepted for its exp
+    assert "issued in the future" in str(info.value)
+    assert info.value.status == 401
+
+
+def test_a_token_valid_for_a_hundred_years_is_refused() -> None:
+    # GIVEN a correctly signed token issued now that expires in a hundred years
+    token = _signed(iat=int(T0), exp=int(T0) + 100 * YEAR)
+    # WHEN it is verified within its claimed lifetime
+    with pytest.raises(TokenInvalid) as info:
+        _verifier(T0 + 1).verify(token, session_id="standup-42")
+    # THEN it is refused: its lifetime is over the maximum (12 h by default)
+    assert f"maximum of {DEFAULT_MAX_TTL_SECONDS} seconds" in str(info.value)
+
+
+def test_the_maximum_lifetime_is_inclusive_and_configurable() -> None:
+    # GIVEN tokens living exactly the default maximum, and one second more
+    at_max = _signed(exp=int(T0) + DEFAULT_MAX_TTL_SECONDS)
+    over = _signed(exp=int(T0) + DEFAULT_MAX_TTL_SECONDS + 1)
+    # WHEN verified with the default maximum
+    # THEN the first passes and the second is refused
+    assert _verifier().verify(at_max, session_id="standup-42").expires_at == (
+        T0 + DEFAULT_MAX_TTL_SECONDS
+    )
+    with pytest.raises(TokenInvalid, match="maximum"):
+        _verifier().verify(over, session_id="standup-42")
+    # AND a deployment that lowers the maximum to 10 minutes refuses an hour-long token
+    hour = _signed(exp=int(T0) + HOUR)
+    with pytest.raises(TokenInvalid, match="maximum of 600 seconds"):
+        _verifier(max_ttl_seconds=600).verify(hour, session_id="standup-42")
+    # AND one that raises it to two days accepts a day-long token
+    day = _signed(exp=int(T0) + 24 * HOUR)
+    assert _verifier(max_ttl_seconds=48 * HOUR).verify(day, session_id="standup-42")
+
+
+def test_iat_may_be_ahead_of_the_clock_by_the_leeway_only() -> None:
+    # GIVEN tokens issued 60 s and 61 s ahead of the verifier's clock
+    soon = _signed(iat=int(T0) + 60, exp=int(T0) + 660)
+    later = _signed(iat=int(T0) + 61, exp=int(T0) + 661)
+    # WHEN verified at T0 with the default leeway (60 s)
+    # THEN the issuer's small clock skew is forgiven, more is not
+    assert DEFAULT_IAT_LEEWAY_SECONDS == 60
+    assert _verifier(T0).verify(soon, session_id="standup-42").issued_at == T0 + 60
+    with pytest.raises(TokenInvalid, match="issued in the future"):
+        _verifier(T0).verify(later, session_id="standup-42")
+    # AND with no leeway configured, one second ahead is too much
+    with pytest.raises(TokenInvalid, match="issued in the future"):
+        _verifier(T0, iat_leeway=0).verify(
+            _signed(iat=int(T0) + 1, exp=int(T0) + 601), session_id="standup-42"
+        )
+
+
+def test_a_token_that_expires_before_it_was_issued_is_invalid() -> None:
+    # GIVEN a token whose exp is not after its iat
+    for exp in (int(T0), int(T0) - 1):
+        token = _signed(iat=int(T0), exp=exp)
+        # WHEN verified (before its exp, with a generous leeway)
+        # THEN it is invalid by its shape, not merely expired
+        with pytest.raises(TokenInvalid, match="expires before it was issued"):
+            _verifier(T0 - 10, leeway=100).verify(token, session_id="standup-42")
+
+
+def test_lifetime_errors_are_distinct_and_never_contain_the_token() -> None:
+    # GIVEN one token for each lifetime refusal
+    cases = {
+        "future": _signed(iat=int(T0) + 10 * YEAR, exp=int(T0) + 10 * YEAR + 600),
+        "too long": _signed(exp=int(T0) + 100 * YEAR),
+        "inverted": _signed(exp=int(T0) - 1),
+        "expired": _signed(iat=int(T0) - 7200, exp=int(T0) - 3600),
+    }
+    messages = {}
+    for name, token in cases.items():
+        # WHEN each is verified
+        with pytest.raises(AuthError) as info:
+            _verifier(T0).verify(token, session_id="standup-42")
+        messages[name] = str(info.value)
+        # THEN the message holds nothing of the token or the secret
+        text = f"{info.value} {info.value!r}"
+        assert token not in text and token.split(".")[-1] not in text
+        assert SECRET not in text
+    # AND every refusal says something different
+    assert len(set(messages.values())) == len(cases), messages
+    assert isinstance(_raised(cases["expired"]), TokenExpired)
+
+
+def _raised(token: str) -> Exception:
+    try:
+        _verifier(T0).verify(token, session_id="standup-42")
+    except AuthError as exc:
+        return exc
+    raise AssertionError("the token was accepted")
+
+
+def test_a_signed_token_over_the_size_limit_is_refused_before_parsing() -> None:
+    # GIVEN a correctly signed, current token padded past the size limit with an extra claim
+    token = _signed(pad="x" * MAX_TOKEN_CHARS)
+    assert len(token) > MAX_TOKEN_CHARS
+    # WHEN verified / THEN refused as too long (a cheap check before any decoding)
+    with pytest.raises(TokenInvalid, match="too long"):
+        _verifier().verify(token, session_id="standup-42")
+    # AND the same token without the padding passes: the size is the only reason
+    assert _verifier().verify(_signed(), session_id="standup-42")
+
+
+def test_mint_refuses_a_lifetime_over_the_maximum() -> None:
+    # GIVEN the default maximum lifetime (12 h)
+    # WHEN minting at the maximum, one second over, and a hundred years
+    assert _mint(ttl_seconds=DEFAULT_MAX_TTL_SECONDS)
+    for ttl in (DEFAULT_MAX_TTL_SECONDS + 1, 100 * YEAR):
+        # THEN the longer ones are refused, naming the maximum
+        with pytest.raises(ValueError, match=f"at most {DEFAULT_MAX_TTL_SECONDS}"):
+            _mint(ttl_seconds=ttl)
+    # AND a raised maximum lets a longer token be minted, which a verifier with the
+    # same maximum accepts
+    day = _mint(ttl_seconds=24 * HOUR, max_ttl_seconds=24 * HOUR)
+    assert _verifier(max_ttl_seconds=24 * HOUR).verify(day, session_id="standup-42")
+    with pytest.raises(TokenInvalid, match="maximum"):
+        _verifier().verify(day, session_id="standup-42")
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"ttl_seconds": True},
+        {"ttl_seconds": 600.0},
+        {"ttl_seconds": "600"},
+        {"ttl_seconds": -1},
+        {"max_ttl_seconds": True},
+        {"max_ttl_seconds": 0},
+    ],
+)
+def test_mint_takes_only_positive_integers_for_durations(overrides: dict[str, Any]) -> None:
+    # GIVEN a duration that is a bool, a float, a string or not positive
+    # WHEN minting / THEN ValueError (True is not "one second"), and no token
+    with pytest.raises(ValueError):
+        _mint(**overrides)
 
 
 # --- refusals -----------------------------------------------------------------
@@ -268,8 +434,14 @@ def test_missing_claims(claim: str) -> None:
         {"sid": 42},
         {"exp": "tomorrow"},
         {"exp": True},
+        {"exp": str(int(T0) + 600)},
+        {"exp": float("inf")},
         {"iat": "now"},
         {"iat": False},
+        {"iat": True},
+        {"iat": str(int(T0))},
+        {"iat": float("nan")},
+        {"iat": [int(T0)]},
     ],
 )
 def test_bad_claim_values(overrides: dict[str, Any]) -> None:
@@ -339,6 +511,7 @@ def test_short_secret_is_refused() -> None:
         {},
         {"secret": SECRET, "jwks_url": "https://example.com/jwks.json"},
         {"jwks_url": "ftp://example.com/jwks.json"},
+        {"jwks_url": "http://example.com/jwks.json"},
         {"secret": SECRET, "audience": ""},
         {"secret": SECRET, "leeway": -1},
     ],
@@ -347,6 +520,64 @@ def test_verifier_configuration_errors(kwargs: dict[str, Any]) -> None:
     # GIVEN a bad key source or option / WHEN building / THEN ConfigError
     with pytest.raises(ConfigError):
         TokenVerifier(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"max_ttl_seconds": 0},
+        {"max_ttl_seconds": -1},
+        {"max_ttl_seconds": True},
+        {"max_ttl_seconds": float("nan")},
+        {"max_ttl_seconds": float("inf")},
+        {"iat_leeway": -1},
+        {"iat_leeway": float("nan")},
+        {"leeway": float("inf")},
+    ],
+)
+def test_lifetime_options_are_checked(kwargs: dict[str, Any]) -> None:
+    # GIVEN a maximum lifetime or a leeway that is not a sensible number
+    # WHEN building a verifier / THEN ConfigError
+    with pytest.raises(ConfigError):
+        TokenVerifier(secret=SECRET, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://idp.example/.well-known/jwks.json",
+        "HTTP://idp.example/jwks.json",
+        "https:///jwks.json",
+        "https:jwks.json",
+        "ftp://idp.example/jwks.json",
+        "idp.example/jwks.json",
+        "//idp.example/jwks.json",
+    ],
+)
+def test_a_jwks_url_must_be_https(url: str) -> None:
+    # GIVEN a JWKS URL that is plain http (keys anyone on the path could swap), or no URL
+    # WHEN building a verifier / THEN ConfigError naming https, before any fetch
+    with pytest.raises(ConfigError, match="https://"):
+        TokenVerifier(jwks_url=url)
+
+
+def test_an_https_jwks_url_and_an_injected_client_are_accepted(
+    rsa_key: rsa.RSAPrivateKey,
+) -> None:
+    # GIVEN an https URL (any case of the scheme) / WHEN building / THEN accepted
+    assert TokenVerifier(jwks_url="HTTPS://idp.example/jwks.json")
+    # AND a ready client may still be injected (tests, a shared cache): no URL to check
+    verifier = TokenVerifier(jwks_client=LocalJWKClient(_jwks(rsa1=rsa_key)), clock=lambda: T0)
+    token = jwt.encode(_claims(), rsa_key, algorithm="RS256", headers={"kid": "rsa1"})
+    assert verifier.verify(token, session_id="standup-42").participant.user_id == "u-ada"
+
+
+def test_a_deployment_with_an_http_jwks_url_cannot_verify() -> None:
+    # GIVEN settings read from an environment naming a plain-http JWKS URL
+    settings = Settings.from_env({"REJOIN_JWKS_URL": "http://idp.example/jwks.json"})
+    # WHEN the runtime builds its verifier / THEN ConfigError (a 503, never an open door)
+    with pytest.raises(ConfigError, match="https://"):
+        Runtime(settings).verifier()
 
 
 @pytest.mark.parametrize(
@@ -548,3 +779,85 @@ def test_module_is_runnable() -> None:
     # THEN it prints a token for that session
     assert done.returncode == 0, done.stderr
     assert TokenVerifier(secret=SECRET).verify(done.stdout.strip(), session_id="s1")
+
+
+def test_cli_refuses_a_ttl_over_the_maximum_unless_the_environment_raises_it(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN the secret, and no maximum lifetime in the environment (so 12 h)
+    monkeypatch.setenv("REJOIN_TOKEN_SECRET", SECRET)
+    monkeypatch.delenv("REJOIN_TOKEN_MAX_TTL_SECONDS", raising=False)
+    args = ["--session", "demo", "--user", "u-1", "--name", "Ada", "--ttl", str(24 * HOUR)]
+    # WHEN the CLI mints a day-long token / THEN it exits 2 naming the maximum, no token
+    assert main(args) == 2
+    out = capsys.readouterr()
+    assert f"at most {DEFAULT_MAX_TTL_SECONDS}" in out.err and out.out == ""
+    # AND with the deployment's variable raised to two days, it mints one
+    monkeypatch.setenv("REJOIN_TOKEN_MAX_TTL_SECONDS", str(48 * HOUR))
+    assert main(args) == 0
+    token = capsys.readouterr().out.strip()
+    grant = TokenVerifier(secret=SECRET, max_ttl_seconds=48 * HOUR).verify(token, session_id="demo")
+    assert grant.expires_at - grant.issued_at == 24 * HOUR
+    # AND a malformed variable is a clear error
+    monkeypatch.setenv("REJOIN_TOKEN_MAX_TTL_SECONDS", "a day")
+    assert main(args) == 2
+    assert "REJOIN_TOKEN_MAX_TTL_SECONDS" in capsys.readouterr().err
+
+
+# --- settings: the deployment's lifetime options reach the verifier ---------------------
+
+
+def test_settings_defaults_agree_with_the_token_module() -> None:
+    # GIVEN settings from an empty environment
+    settings = Settings.from_env({})
+    # THEN the lifetime options are the documented defaults (12 h, 60 s)
+    assert settings.token_max_ttl_seconds == DEFAULT_MAX_TTL_SECONDS == 12 * HOUR
+    assert settings.token_iat_leeway_seconds == DEFAULT_IAT_LEEWAY_SECONDS == 60
+
+
+def test_the_runtime_verifier_uses_the_configured_lifetime_options() -> None:
+    # GIVEN a deployment allowing 10-minute tokens and no iat leeway
+    settings = Settings.from_env(
+        {
+            "REJOIN_TOKEN_SECRET": SECRET,
+            "REJOIN_TOKEN_MAX_TTL_SECONDS": "600",
+            "REJOIN_TOKEN_IAT_LEEWAY_SECONDS": "0",
+        }
+    )
+    verifier = Runtime(settings, clock=lambda: T0).verifier()
+    # WHEN tokens at the limit, over it, and issued a second ahead are verified
+    # THEN only the first passes
+    assert verifier.verify(_signed(exp=int(T0) + 600), session_id="standup-42")
+    with pytest.raises(TokenInvalid, match="maximum of 600 seconds"):
+        verifier.verify(_signed(exp=int(T0) + 601), session_id="standup-42")
+    with pytest.raises(TokenInvalid, match="issued in the future"):
+        verifier.verify(_signed(iat=int(T0) + 1, exp=int(T0) + 60), session_id="standup-42")
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("REJOIN_TOKEN_MAX_TTL_SECONDS", "0"),
+        ("REJOIN_TOKEN_MAX_TTL_SECONDS", "12h"),
+        ("REJOIN_TOKEN_MAX_TTL_SECONDS", "true"),
+        ("REJOIN_TOKEN_IAT_LEEWAY_SECONDS", "-1"),
+        ("REJOIN_TOKEN_IAT_LEEWAY_SECONDS", "1.5"),
+    ],
+)
+def test_malformed_lifetime_settings_are_config_errors(name: str, value: str) -> None:
+    # GIVEN a malformed variable / WHEN the settings are read / THEN ConfigError naming it
+    with pytest.raises(ConfigError, match=name):
+        Settings.from_env({name: value})
+
+
+def test_a_jwks_token_is_held_to_the_same_lifetime_rules(rsa_key: rsa.RSAPrivateKey) -> None:
+    # GIVEN an identity provider's key set, and RS256 tokens valid for a hundred years
+    # or issued ten years ahead
+    verifier = TokenVerifier(jwks_client=LocalJWKClient(_jwks(rsa1=rsa_key)), clock=lambda: T0)
+    long_lived = _claims(exp=int(T0) + 100 * YEAR)
+    future = _claims(iat=int(T0) + 10 * YEAR, exp=int(T0) + 10 * YEAR + 600)
+    for claims, reason in ((long_lived, "maximum"), (future, "issued in the future")):
+        token = jwt.encode(claims, rsa_key, algorithm="RS256", headers={"kid": "rsa1"})
+        # WHEN verified / THEN refused like an HS256 token would be
+        with pytest.raises(TokenInvalid, match=reason):
+            verifier.verify(token, session_id="standup-42")

@@ -204,6 +204,8 @@ class StackConfig:
         env["UPSTASH_REDIS_REST_TOKEN"] = self.upstash_token
         env["REJOIN_TOKEN_SECRET"] = self.signing_key
         env.setdefault("REJOIN_ADMIN_KEY", DEFAULT_ADMIN_KEY)
+        # The API docs (/api/docs) are on locally; deployments keep them off by default.
+        env.setdefault("REJOIN_API_DOCS", "1")
         if self.grace_seconds is not None:
             env["REJOIN_GRACE_SECONDS"] = str(self.grace_seconds)
         env["REJOIN_IDLE_TIMEOUT_SECONDS"] = str(max(1, math.ceil(self.idle_timeout)))

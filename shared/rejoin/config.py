@@ -64,6 +64,22 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 1) -> i
     return value
 
 
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"", "0", "false", "no", "off"})
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name)
+    if raw is None:
+        return default
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ConfigError(f"{name} must be 1/true/yes/on or 0/false/no/off, not {raw!r}")
+
+
 def _secret_or_plain(env: Mapping[str, str], secret_var: str, plain_var: str) -> str | None:
     name = env.get(secret_var)
     if name:
@@ -89,6 +105,10 @@ class Settings:
     jwks_url: str | None = None
     token_audience: str = "rejoin"
     token_issuer: str | None = None
+    # Keep in step with rejoin.tokens.DEFAULT_MAX_TTL_SECONDS / DEFAULT_IAT_LEEWAY_SECONDS
+    # (not imported: the config must not pull in PyJWT).
+    token_max_ttl_seconds: int = 12 * 3600
+    token_iat_leeway_seconds: int = 60
     admin_key: str | None = field(default=None, repr=False)
     openai_api_key: str | None = field(default=None, repr=False)
     openai_base_url: str | None = None
@@ -111,9 +131,9 @@ class Settings:
     idle_timeout_seconds: int = 600
     turn_lease_seconds: int = 330
     history_limit: int = 200
-    token_max_ttl_seconds: int = 12 * 3600
     turn_queue_url: str | None = None
     ws_endpoint: str | None = None
+    api_docs: bool = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -146,6 +166,8 @@ class Settings:
             jwks_url=env.get("REJOIN_JWKS_URL") or None,
             token_audience=env.get("REJOIN_TOKEN_AUDIENCE", "rejoin"),
             token_issuer=env.get("REJOIN_TOKEN_ISSUER") or None,
+            token_max_ttl_seconds=_int(env, "REJOIN_TOKEN_MAX_TTL_SECONDS", 12 * 3600),
+            token_iat_leeway_seconds=_int(env, "REJOIN_TOKEN_IAT_LEEWAY_SECONDS", 60, minimum=0),
             admin_key=_secret_or_plain(env, "REJOIN_ADMIN_SECRET_NAME", "REJOIN_ADMIN_KEY"),
             openai_api_key=_secret_or_plain(env, "REJOIN_OPENAI_SECRET_NAME", "OPENAI_API_KEY"),
             openai_base_url=env.get("OPENAI_BASE_URL") or None,
@@ -161,7 +183,7 @@ class Settings:
             idle_timeout_seconds=_int(env, "REJOIN_IDLE_TIMEOUT_SECONDS", 600),
             turn_lease_seconds=_int(env, "REJOIN_TURN_LEASE_SECONDS", 330),
             history_limit=_int(env, "REJOIN_HISTORY_LIMIT", 200, minimum=0),
-            token_max_ttl_seconds=_int(env, "REJOIN_TOKEN_MAX_TTL_SECONDS", 12 * 3600),
             turn_queue_url=env.get("REJOIN_TURN_QUEUE_URL") or None,
             ws_endpoint=env.get("REJOIN_WS_ENDPOINT") or None,
+            api_docs=_bool(env, "REJOIN_API_DOCS", False),
         )

@@ -165,6 +165,8 @@ class Runtime:
                 audience=s.token_audience,
                 issuer=s.token_issuer,
                 clock=self.clock,
+                max_ttl_seconds=s.token_max_ttl_seconds,
+                iat_leeway=s.token_iat_leeway_seconds,
             )
         return self._verifier
 
