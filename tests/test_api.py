@@ -503,10 +503,68 @@ class TestEnd:
         assert_problem(client.delete("/sessions/nope", headers=admin()), 404, "session_not_found")
 
 
+# --- removing a participant ------------------------------------------------------------
+
+
+class TestRemoveParticipant:
+    def test_removed_participant_is_closed_and_their_tokens_refused(
+        self, client: TestClient, stack: Stack
+    ):
+        # GIVEN Ada and Mallory (in two tabs) in a session, and Mallory's token
+        old = stack.token("s-kick", "mallory")
+        ada, _ = stack.join("s-kick", "ada")
+        mal1, _ = stack.join("s-kick", "mallory")
+        mal2, _ = stack.join("s-kick", "mallory")
+        # WHEN the admin removes Mallory
+        response = client.delete("/sessions/s-kick/participants/mallory", headers=admin())
+        assert response.status_code == 204, response.text
+        # THEN both her connections were told, then closed
+        for cid in (mal1, mal2):
+            assert stack.frames(cid)[-1] == {"type": "ended", "reason": "removed"}
+            assert asyncio.run(stack.sender.exists(cid)) is False
+        # AND Ada saw her removed, once
+        removed = [p for p in stack.frames(ada, "presence") if p["status"] == "removed"]
+        assert [(p["user"]) for p in removed] == ["mallory"]
+        # AND her tokens issued until now are refused: to connect and to read
+        stack.clock.advance(1)
+        assert stack.connect("s-kick", "mallory", token=old)[0] == 403
+        got = client.get("/sessions/s-kick/transcript", headers=bearer(old))
+        assert_problem(got, 403, "forbidden")
+        # AND a token minted for her afterwards works again (the admin let her back)
+        assert stack.connect("s-kick", "mallory")[0] == 200
+        # AND the session goes on for the others
+        assert stack.say(ada, "still here")["type"] == "ack"
+
+    def test_removing_from_a_session_that_does_not_exist_is_404(self, client: TestClient):
+        response = client.delete("/sessions/nope/participants/ada", headers=admin())
+        assert_problem(response, 404, "session_not_found")
+
+    def test_only_the_admin_removes(self, client: TestClient, stack: Stack):
+        stack.join("s-kick2", "ada")
+        token = stack.token("s-kick2", "ada")
+        response = client.delete("/sessions/s-kick2/participants/ada", headers=bearer(token))
+        assert_problem(response, 401, "unauthorized")
+        assert client.get("/sessions/s-kick2", headers=admin()).json()["connections"] == 1
+
+    def test_after_the_end_old_tokens_cannot_read_the_next_epoch(
+        self, client: TestClient, stack: Stack
+    ):
+        old = stack.token("s-next", "ada")
+        stack.join("s-next", "ada")
+        client.delete("/sessions/s-next", headers=admin())
+        stack.clock.advance(1)
+        bob, _ = stack.join("s-next", "bob")
+        stack.say(bob, "the next meeting's secret")
+        got = client.get("/sessions/s-next/transcript", headers=bearer(old))
+        assert_problem(got, 403, "forbidden")
+        assert "secret" not in got.text
+
+
 # --- the admin credential ---------------------------------------------------------------
 
 ADMIN_ROUTES = [
     ("POST", "/sessions", {"session_id": "s-guarded"}),
+    ("DELETE", "/sessions/s-guarded/participants/ada", None),
     ("POST", "/sessions/s-guarded/tokens", {"user_id": "u", "name": "U"}),
     ("DELETE", "/sessions/s-guarded", None),
 ]

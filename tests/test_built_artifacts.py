@@ -113,7 +113,7 @@ def test_websocket_events_parse_with_the_handlers_models():
     }
     disconnect = DisconnectEvent.model_validate(load_json("disconnect.json"))
     assert disconnect.request_context.disconnect_status_code == 1001
-    for name in ("resume", "say", "ping", "leave", "bad"):
+    for name in ("resume", "say", "ping", "stop", "leave", "bad"):
         event = load_json(f"message-{name}.json")
         parsed = MessageEvent.model_validate(event)
         assert parsed.request_context.connection_id == CONNECTION_ID
@@ -139,7 +139,7 @@ def test_turn_event_is_an_sqs_fifo_batch():
         turn = TurnRequest.from_json(record["body"])
         attrs = record["attributes"]
         assert attrs["MessageGroupId"] == turn.session_id == SESSION
-        assert attrs["MessageDeduplicationId"] == dedup_id(turn.session_id, turn.turn_id)
+        assert attrs["MessageDeduplicationId"] == dedup_id(turn.session_id, turn.epoch, turn.turn_id)
         assert record["md5OfBody"] == hashlib.md5(record["body"].encode()).hexdigest()
         assert record["eventSourceARN"].endswith(".fifo")
         assert json.loads(record["body"]) == {
@@ -627,6 +627,14 @@ def test_every_built_handler_answers_its_events(stack: Stack, tmp_path: Path):
 
     mgmt = stack.management
 
+    # The authorizer admits Ada; its context is what the later events carry.
+    policy = invoke("AuthorizeFunction", "authorize.json")
+    assert policy["policyDocument"]["Statement"][0]["Effect"] == "Allow", policy
+    carried = load_json("connect.json")["requestContext"]["authorizer"]
+    assert {**policy["context"], "principalId": policy["principalId"]} == {
+        k: v for k, v in carried.items() if k != "integrationLatency"
+    }
+
     ok(invoke("ConnectFunction", "connect.json"))
 
     ok(invoke("MessageFunction", "message-resume.json"))
@@ -635,14 +643,14 @@ def test_every_built_handler_answers_its_events(stack: Stack, tmp_path: Path):
     assert welcome[0]["you"]["user"] == "u-ada"
 
     ok(invoke("MessageFunction", "message-say.json"))
-    assert any(f.get("type") == "ack" and f.get("id") == "c-1" for f in mgmt.frames())
+    (ack,) = [f for f in mgmt.frames() if f.get("type") == "ack" and f.get("id") == "c-1"]
     assert any(f.get("type") == "message" and f.get("text") == "Hello agent" for f in mgmt.frames())
     queued = stack.sqs.client.receive_message(
         QueueUrl=stack.sqs.queue_url, MaxNumberOfMessages=10, AttributeNames=["All"]
     ).get("Messages", [])
     assert len(queued) == 1
     assert queued[0]["Attributes"]["MessageGroupId"] == SESSION
-    assert json.loads(queued[0]["Body"])["turn"] == "c-1"
+    assert json.loads(queued[0]["Body"])["reply_to"] == ack["seq"]
 
     ok(invoke("MessageFunction", "message-ping.json"))
     assert "pong" in mgmt.types()
@@ -655,8 +663,10 @@ def test_every_built_handler_answers_its_events(stack: Stack, tmp_path: Path):
     real_turn.write_text(json.dumps(_sqs_event_from(queued[0], stack.sqs.queue_url)))
     assert invoke("TurnFunction", real_turn) == {"batchItemFailures": []}
     assert any(
-        f.get("type") == "agent_message" and f.get("turn") == "c-1" for f in mgmt.frames()
+        f.get("type") == "agent_message" and f.get("reply_to") == ack["seq"] for f in mgmt.frames()
     ), mgmt.types()
+    ok(invoke("MessageFunction", "message-stop.json"))
+    assert any(f.get("type") == "stopping" for f in mgmt.frames()), mgmt.types()
     # The sample turn is for epoch "e1", not this session's: a no-op, not a failure.
     assert invoke("TurnFunction", "turn.json") == {"batchItemFailures": []}
 

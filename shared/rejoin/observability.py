@@ -73,6 +73,7 @@ METRICS: dict[str, str] = {
     "Expirations": "a session deleted by the cleanup after its grace period",
     "SessionsCreatedByApi": "a session created through the HTTP API",
     "SessionsEndedByApi": "a session ended at once through the HTTP API",
+    "ParticipantsRemovedByApi": "a participant removed through the HTTP API",
     "TokensMinted": "a participant token minted by the HTTP API",
 }
 

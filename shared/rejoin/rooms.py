@@ -566,6 +566,17 @@ return answer({found = true})
 """,
 )
 
+# Is a token issued at ARGV[5] (ms) for user ARGV[4] revoked? (the HTTP API's readers)
+_REVOKED = _script(
+    "revoked",
+    """
+local user, iat = ARGV[4], tonumber(ARGV[5])
+local r = redis.call('HMGET', revoked, '*', 'u:' .. user)
+local gone = (r[1] and tonumber(r[1]) >= iat) or (r[2] and tonumber(r[2]) >= iat)
+return answer({revoked = gone and true or false})
+""",
+)
+
 _DUE = Script(
     "due",
     "return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))",
@@ -1071,6 +1082,11 @@ class RoomStore:
             event=_event(a.get("event")),
             recipients=_ids(a.get("recipients")),
         )
+
+    async def revoked(self, session_id: str, user_id: str, issued_at: float) -> bool:
+        """Whether a token of ``user_id`` issued at ``issued_at`` was revoked."""
+        a = await self._call(_REVOKED, session_id, user_id, int(issued_at * 1000), op=False)
+        return bool(a["revoked"])
 
     async def stop(self, session_id: str, connection_id: str, turn: str | None) -> dict[str, Any]:
         """Ask the session's running turn (``turn``, or whichever runs) to stop.

@@ -101,8 +101,8 @@ async def require_reader(
 
     Raises:
         ApiProblem: 401 ``unauthorized`` (no credential, or not a valid one);
-            403 ``forbidden`` (a valid token for another session); 503 when
-            tokens cannot be checked here.
+            403 ``forbidden`` (a valid token for another session, or a revoked
+            one); 503 when tokens cannot be checked here.
     """
     credentials = admin or participant
     if credentials is None:
@@ -129,6 +129,10 @@ async def require_reader(
             raise ApiProblem(503, "auth_unavailable", str(exc)) from None
         raise unauthorized(str(exc)) from None
     bind(user_id=grant.participant.user_id)
+    if await rt.rooms().revoked(session_id, grant.participant.user_id, grant.issued_at):
+        raise ApiProblem(
+            403, "forbidden", "this token was revoked (session ended or participant removed)"
+        )
     return Reader(admin=False, user_id=grant.participant.user_id)
 
 

@@ -30,8 +30,16 @@ from .schemas import (
     TokenIssued,
     TokenRequest,
     Transcript,
+    UserIdPath,
 )
-from .sessions import create_session, end_session, new_session_id, session_status, transcript
+from .sessions import (
+    create_session,
+    end_session,
+    new_session_id,
+    remove_participant,
+    session_status,
+    transcript,
+)
 
 __all__ = ["router"]
 
@@ -190,9 +198,7 @@ async def post_session(
     spec = body or CreateSessionRequest()
     session_id = spec.session_id or new_session_id()
     bind(session_id=session_id)
-    created = await create_session(
-        rt.rooms(), session_id, mode=spec.mode or rt.settings.reply_mode
-    )
+    created = await create_session(rt.rooms(), session_id, mode=spec.mode or rt.settings.reply_mode)
     if created.created:
         count("SessionsCreatedByApi")
         logger.info("session created", extra={"epoch": created.epoch})
@@ -353,5 +359,33 @@ async def delete_session(session_id: SessionIdPath, rt: RuntimeDep) -> Response:
     bind(session_id=session_id)
     sender = rt.sender()  # before deleting: unconfigured, nobody would be told
     if await end_session(rt.rooms(), sender, session_id) is None:
+        raise session_not_found(session_id)
+    return Response(status_code=204)
+
+
+@router.delete(
+    "/sessions/{session_id}/participants/{user_id}",
+    status_code=204,
+    response_class=Response,
+    tags=["sessions"],
+    summary="Remove a participant",
+    description="Revokes every token of `user_id` for this session issued until now, sends "
+    "their connections an `ended` frame (`reason: removed`) and closes them; the others "
+    "see them as `removed`. A token minted for them afterwards works again. Admin only.",
+    dependencies=[Depends(require_admin)],
+    responses={
+        204: {"description": "Removed (or was not there: their tokens are revoked anyway)."},
+        **_BAD_REQUEST,
+        **_ADMIN_ERRORS,
+        **_NOT_FOUND,
+        **_INTERNAL,
+    },
+)
+async def delete_participant(
+    session_id: SessionIdPath, user_id: UserIdPath, rt: RuntimeDep
+) -> Response:
+    """Remove a participant."""
+    bind(session_id=session_id, user_id=user_id)
+    if await remove_participant(rt.rooms(), rt.sender(), session_id, user_id) is None:
         raise session_not_found(session_id)
     return Response(status_code=204)

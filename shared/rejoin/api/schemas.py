@@ -32,6 +32,7 @@ __all__ = [
     "TokenRequest",
     "Transcript",
     "TranscriptEvent",
+    "UserIdPath",
 ]
 
 SESSION_ID_PATTERN = r"^[A-Za-z0-9_-]{1,128}$"
@@ -82,6 +83,17 @@ SessionIdPath = Annotated[
         max_length=128,
         description="The session id: 1-128 of `A-Za-z0-9_-`.",
         examples=["standup-42"],
+    ),
+]
+
+UserIdPath = Annotated[
+    str,
+    Path(
+        pattern=USER_ID_PATTERN,
+        min_length=1,
+        max_length=128,
+        description="A participant's user id: 1-128 of `A-Za-z0-9_.@:-`.",
+        examples=["u-ada"],
     ),
 ]
 

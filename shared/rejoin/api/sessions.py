@@ -9,9 +9,10 @@ from __future__ import annotations
 import asyncio
 import secrets
 
+from ..fanout import publish
 from ..frames import ended_frame
 from ..observability import count, logger
-from ..rooms import RoomStore
+from ..rooms import Kicked, RoomStore
 from ..sender import ConnectionSender, broadcast
 from .problems import ApiProblem
 from .schemas import (
@@ -22,7 +23,14 @@ from .schemas import (
     Transcript,
 )
 
-__all__ = ["create_session", "end_session", "new_session_id", "session_status", "transcript"]
+__all__ = [
+    "create_session",
+    "end_session",
+    "new_session_id",
+    "remove_participant",
+    "session_status",
+    "transcript",
+]
 
 
 def new_session_id() -> str:
@@ -123,3 +131,30 @@ async def end_session(
     count("SessionsEndedByApi")
     logger.info("session ended by the API", extra={"connections": len(connection_ids)})
     return connection_ids
+
+
+async def remove_participant(
+    rooms: RoomStore, sender: ConnectionSender, session_id: str, user_id: str
+) -> Kicked | None:
+    """Remove a participant now: revoke their tokens, close their connections.
+
+    Every token of theirs issued until now is refused from here on (at
+    ``$connect`` and on any frame); their connections get ``ended`` (reason
+    ``removed``) and are closed; the others see them as ``removed``.
+
+    Returns:
+        What was done, or ``None`` if the session does not exist.
+
+    Raises:
+        StoreError: the store failed (nothing was changed, or all of it was).
+    """
+    kicked = await rooms.kick(session_id, user_id)
+    if kicked is None:
+        return None
+    if kicked.connections:
+        await broadcast(sender, kicked.connections, ended_frame("removed"))
+        await asyncio.gather(*(sender.close(c) for c in kicked.connections), return_exceptions=True)
+    await publish(rooms, sender, session_id, kicked.recipients, kicked.event)
+    count("ParticipantsRemovedByApi")
+    logger.info("participant removed by the API", extra={"connections": len(kicked.connections)})
+    return kicked
