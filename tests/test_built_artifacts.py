@@ -139,7 +139,9 @@ def test_turn_event_is_an_sqs_fifo_batch():
         turn = TurnRequest.from_json(record["body"])
         attrs = record["attributes"]
         assert attrs["MessageGroupId"] == turn.session_id == SESSION
-        assert attrs["MessageDeduplicationId"] == dedup_id(turn.session_id, turn.epoch, turn.turn_id)
+        assert attrs["MessageDeduplicationId"] == dedup_id(
+            turn.session_id, turn.epoch, turn.turn_id
+        )
         assert record["md5OfBody"] == hashlib.md5(record["body"].encode()).hexdigest()
         assert record["eventSourceARN"].endswith(".fifo")
         assert json.loads(record["body"]) == {
