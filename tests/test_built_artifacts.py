@@ -145,15 +145,25 @@ def test_turn_event_is_an_sqs_fifo_batch():
         assert record["md5OfBody"] == hashlib.md5(record["body"].encode()).hexdigest()
         assert record["eventSourceARN"].endswith(".fifo")
         assert json.loads(record["body"]) == {
-            "v": 1,
+            "v": 2,
             "session": SESSION,
             "epoch": "e1",
-            "turn": "c-1",
-            "respond": True,
-            "input": [
-                {"user": "u-ada", "name": "Ada", "text": "Hello agent", "seq": 3, "id": "c-1"}
-            ],
+            "turn": "3",
+            "reply_to": 3,
         }
+
+
+def test_authorizer_event_and_the_context_the_others_carry():
+    from rejoin.authorizer import identity_from_context
+
+    event = load_json("authorize.json")
+    assert event["type"] == "REQUEST" and event["methodArn"].endswith("/$connect")
+    assert event["queryStringParameters"]["session"] == SESSION
+    assert "authorizer" not in event["requestContext"]
+    for name in ("connect", "disconnect", "message-say", "message-resume", "message-stop"):
+        context = load_json(f"{name}.json")["requestContext"]["authorizer"]
+        who = identity_from_context(context)
+        assert (who.session_id, who.user_id, who.name) == (SESSION, "u-ada", "Ada")
 
 
 def test_cleanup_event_is_a_scheduled_event():
