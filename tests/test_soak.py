@@ -246,14 +246,14 @@ def _check_session(
             tally.duplicates.append(f"{sid}: history holds a message {n} times")
     if len(epochs) != 1:
         return  # the session expired and started over: its old log is gone on purpose
-    in_history = {json.loads(c)["seq"] for c in said}
+    in_history = {(b["speaker"]["user"], b["id"]) for b in map(json.loads, said)}
     for p in people:
         if p.session != sid:
             continue
-        for mid, seq in p.acked.items():
+        for mid in p.acked:
             if (p.user, mid) not in messages:
                 tally.losses.append(f"{sid}: acknowledged {mid} is not in the log")
-            if seq not in in_history:
+            if (p.user, mid) not in in_history:
                 tally.losses.append(f"{sid}: acknowledged {mid} is not in the agent's history")
     answered = {e["reply_to"] for e in events if e["type"] == "agent_message"}
     asked = {e["seq"] for e in events if e["type"] == "message"}

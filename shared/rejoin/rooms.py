@@ -36,6 +36,7 @@ from typing import Any, Literal
 from ._lua import RedisClient, Script
 from .errors import NotInSession, NotJoined, RateLimited, RoomError, TokenExpired, TokenRevoked
 from .keys import SessionKeys
+from .speakers import Spoken, spoken_item
 
 __all__ = [
     "Departure",
@@ -329,10 +330,12 @@ _SAY = _script(
     """
 local again = replay()
 if again then return again end
-local conn, id, text, addressed = ARGV[4], ARGV[5], ARGV[6], ARGV[7] == '1'
+local conn, id, text, addressed, item = ARGV[4], ARGV[5], ARGV[6], ARGV[7] == '1', ARGV[8]
 local rec, err = frame_conn(conn)
 if not rec then return err end
 if rec.ready ~= 1 then return fail('not_joined') end
+-- The item names its speaker from the caller's identity: it must be this connection's.
+if rec.user ~= ARGV[9] then return fail('not_in_session') end
 rec.at = now
 redis.call('HSET', conns, conn, cjson.encode(rec))
 local m = redis.call('HMGET', meta, 'epoch', 'mode', 'm:' .. rec.user .. ':' .. id)
@@ -351,10 +354,8 @@ if m[2] == 'every' or addressed then turn = tostring(seq) end
 -- Message ids live as long as the session, per sender.
 redis.call('HSET', meta, 'm:' .. rec.user .. ':' .. id, cjson.encode({seq, turn}))
 -- The agent's history gets every message, in the room's order, as its own
--- item with the speaker set here (from the token), never parsed from text.
-local content = '{"speaker":' .. cjson.encode({user = rec.user, name = rec.name}) ..
-  ',"seq":' .. seq .. ',"text":' .. cjson.encode(text) .. '}'
-redis.call('RPUSH', items, cjson.encode({role = 'user', content = content}))
+-- item with the speaker set by the server (rejoin.speakers), never from text.
+redis.call('RPUSH', items, item)
 return done(answer({duplicate = false, seq = seq, turn = turn, epoch = m[1], mode = m[2],
   user = rec.user, name = rec.name},
   {event = ev, recipients = json_list(ready_conns(''))}))
@@ -1012,7 +1013,14 @@ class RoomStore:
         }
 
     async def say(
-        self, session_id: str, connection_id: str, message_id: str, text: str, *, addressed: bool
+        self,
+        session_id: str,
+        connection_id: str,
+        message_id: str,
+        text: str,
+        *,
+        speaker: tuple[str, str],
+        addressed: bool,
     ) -> Said:
         """Log a participant's message and add it to the agent's history.
 
@@ -1020,13 +1028,26 @@ class RoomStore:
         ids are scoped to the sender. The message asks for an agent turn in
         ``every`` mode, or when ``addressed`` to the agent.
 
+        Args:
+            speaker: (user id, display name) of the connection, from its
+                authorizer context; the history item names this speaker.
+
         Raises:
             NotInSession: the connection is not in this session.
             NotJoined: the connection has not sent ``resume`` yet.
             RateLimited: over the frame budget; nothing was stored.
         """
+        user, name = speaker
+        item = spoken_item(Spoken(user, name, message_id, text))
         a = await self._call(
-            _SAY, session_id, connection_id, message_id, text, "1" if addressed else "0"
+            _SAY,
+            session_id,
+            connection_id,
+            message_id,
+            text,
+            "1" if addressed else "0",
+            json.dumps(item, ensure_ascii=False, separators=(",", ":")),
+            user,
         )
         return Said(
             duplicate=bool(a["duplicate"]),

@@ -211,7 +211,7 @@ async def on_message(
         if isinstance(frame, Resume):
             await _resume(rt, rooms, sender, session_id, connection_id, frame)
         elif isinstance(frame, Say):
-            await _say(rt, rooms, sender, session_id, connection_id, frame)
+            await _say(rt, rooms, sender, who, connection_id, frame)
         elif isinstance(frame, Ping):
             now_ms = await rooms.ping(session_id, connection_id)
             await send(sender, connection_id, pong_frame(now_ms))
@@ -333,15 +333,17 @@ async def _say(
     rt: Runtime,
     rooms: RoomStore,
     sender: ConnectionSender,
-    session_id: str,
+    who: Identity,
     connection_id: str,
     frame: Say,
 ) -> None:
+    session_id = who.session_id
     said = await rooms.say(
-        session_id,
+        who.session_id,
         connection_id,
         frame.id,
         frame.text,
+        speaker=(who.user_id, who.name),
         addressed=addresses_agent(frame.text, rt.settings.agent_name),
     )
     if not said.duplicate:

@@ -3,7 +3,7 @@
 The ``say`` transition stores each message in the session history, in the
 room's order, as a user message whose content is a JSON object::
 
-    {"speaker": {"user": "u-ada", "name": "Ada"}, "seq": 12, "text": "..."}
+    {"speaker": {"user": "u-ada", "name": "Ada"}, "id": "c-7f1d2a", "text": "..."}
 
 The speaker comes from the token the connection was admitted with, never
 from the text. The text is a JSON string inside it: newlines, quotes, a fake
@@ -27,25 +27,26 @@ class Spoken:
     Attributes:
         user: the speaker's user id (from their token).
         name: the speaker's display name (from their token).
-        seq: the message's place in the room's event log.
+        id: the message id the speaker's client gave it.
         text: what they wrote, verbatim.
     """
 
     user: str
     name: str
-    seq: int
+    id: str
     text: str
 
 
 def spoken_item(spoken: Spoken) -> dict[str, Any]:
-    """The session item for a message (as the ``say`` script writes it)."""
+    """The session item for a message, as the ``say`` transition stores it."""
     content = json.dumps(
         {
             "speaker": {"user": spoken.user, "name": spoken.name},
-            "seq": spoken.seq,
+            "id": spoken.id,
             "text": spoken.text,
         },
         ensure_ascii=False,
+        separators=(",", ":"),
     )
     return {"role": "user", "content": content}
 
@@ -60,6 +61,6 @@ def parse_spoken(item: Any) -> Spoken | None:
     try:
         body = json.loads(content)
         speaker = body["speaker"]
-        return Spoken(str(speaker["user"]), str(speaker["name"]), int(body["seq"]), body["text"])
+        return Spoken(str(speaker["user"]), str(speaker["name"]), str(body["id"]), body["text"])
     except (ValueError, KeyError, TypeError):
         return None
