@@ -150,7 +150,7 @@ def approx_tokens(value: Any) -> int:
 
 
 # Fields the model does not read as text: ids, and the item's bookkeeping.
-_NOT_TEXT = frozenset({"id", "call_id", "status", "type", "annotations", "logprobs"})
+_NOT_TEXT = frozenset({"id", "call_id", "role", "status", "type", "annotations", "logprobs"})
 
 
 def _chars(value: Any) -> int:
@@ -429,10 +429,14 @@ def _speaker_and_text(text: str) -> tuple[str | None, str]:
             data = json.loads(stripped)
         except ValueError:
             data = None
-        if isinstance(data, dict) and isinstance(data.get("text"), str):
+        if isinstance(data, dict):
             speaker = data.get("speaker")
             name = speaker.get("name") if isinstance(speaker, dict) else None
-            return (name if isinstance(name, str) and name else None), data["text"].strip()
+            said = data.get("text")
+            return (
+                name if isinstance(name, str) and name else None,
+                said.strip() if isinstance(said, str) else stripped,
+            )
     match = _SPEAKER_LINE.match(text)
     if match is None:
         return None, stripped
@@ -527,7 +531,11 @@ def _summary_of(entries: list[_Entry]) -> str:
         for e in entries
         if e.kind == "message" and e.role == "user"
         for line in e.text.split("\n")
+        if line.strip()
     ]
+    # A transcript of JSON lines under a header: count the lines, not the header.
+    json_lines = [line for line in lines if line.lstrip().startswith("{")]
+    lines = json_lines or lines
     speakers: list[str] = []
     for line in lines:
         name, _ = _speaker_and_text(line)
