@@ -256,11 +256,11 @@ def offline_agent() -> Any:
 
 
 def scripted_agent(steps: list[Any], tools: list[Any] | None = None) -> Any:
+    """An agent on the SDK's ScriptedModel (see tests/scripted.py; a string step is a message)."""
     import agents
+    from scripted import script
 
-    from rejoin.models import ScriptedModel
-
-    return agents.Agent(name="agent", model=ScriptedModel(steps), tools=tools or [])
+    return agents.Agent(name="agent", model=script(steps), tools=tools or [])
 
 
 Factory = Callable[..., Stack]

@@ -23,11 +23,12 @@ from typing import Any
 
 import agents
 import pytest
+from agents.testing import ScriptedModel
 from harness import SECRET, Stack, make_stack, offline_agent, scripted_agent
+from scripted import call, text
 
 from rejoin import observability
 from rejoin.errors import ConfigError
-from rejoin.models import ScriptedModel
 from rejoin.observability import METRICS, bind, lambda_handler, logger
 from rejoin.queue import TurnInput, TurnRequest
 from rejoin.runtime import set_runtime
@@ -113,7 +114,7 @@ class TestLogs:
         session = f"obs-{uuid.uuid4().hex[:8]}"
         stack = make_stack(
             upstash,
-            agent=scripted_agent([REPLY, ScriptedModel.fail(RuntimeError("model unavailable"))]),
+            agent=scripted_agent([REPLY, RuntimeError("model unavailable")]),
         )
         tokens: list[str] = []
         try:
@@ -255,7 +256,7 @@ class TestMetrics:
         session = f"met-{uuid.uuid4().hex[:8]}"
         stack = make_stack(
             upstash,
-            agent=scripted_agent([REPLY, ScriptedModel.fail(RuntimeError("model unavailable"))]),
+            agent=scripted_agent([REPLY, RuntimeError("model unavailable")]),
             rate_limit=2,
             rate_window_seconds=60,
         )
@@ -364,7 +365,7 @@ class TracedScriptedModel(ScriptedModel):
     ) -> Any:
         items = [{"role": "user", "content": input}] if isinstance(input, str) else list(input)
         with agents.tracing.generation_span(
-            model=self.name,
+            model="scripted-model",
             model_config={"temperature": 0.2, "extra_headers": {"x-secret": "nope"}},
             input=items if tracing.include_data() else None,
             disabled=tracing.is_disabled(),
@@ -396,7 +397,7 @@ def weather_agent() -> agents.Agent[Any]:
         """The weather in a city."""
         return f"{TOOL_RESULT} of {city}"
 
-    model = TracedScriptedModel([ScriptedModel.tool_call("weather", {"city": "Reykjavik"}), REPLY])
+    model = TracedScriptedModel([call("weather", {"city": "Reykjavik"}), text(REPLY)])
     return agents.Agent(name="helper", model=model, tools=[weather])
 
 
@@ -513,7 +514,7 @@ class TestTracing:
             """Always fails."""
             raise RuntimeError(f"cannot: {TEXT}")
 
-        model = TracedScriptedModel([ScriptedModel.tool_call("explode", {})])
+        model = TracedScriptedModel([call("explode", {})])
         agent = agents.Agent(name="helper", model=model, tools=[explode])
         with pytest.raises(Exception):  # noqa: B017 (the SDK wraps the tool's error)
             asyncio.run(

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 import redis
 from harness import Stack, make_stack, offline_agent, scripted_agent
+from scripted import call, cut
 
-from rejoin.models import ScriptedModel
 from rejoin.runtime import set_runtime
 
 
@@ -352,10 +352,10 @@ class TestTurns:
         # GIVEN a model that calls a tool, then fails halfway through its answer
         agent = scripted_agent(
             [
-                ScriptedModel.tool_call("lookup", {"q": "x"}),
-                ScriptedModel.fail_after_deltas("partial answer here", RuntimeError("boom")),
-                ScriptedModel.tool_call("lookup", {"q": "x"}),
-                ScriptedModel.text("the answer"),
+                call("lookup", {"q": "x"}),
+                cut("partial answer here", RuntimeError("boom")),
+                call("lookup", {"q": "x"}),
+                "the answer",
             ],
             [lookup],
         )
@@ -388,7 +388,7 @@ class TestTurns:
             set_runtime(None)
 
     def test_failing_to_shorten_the_retry_delay_still_reports_the_failure(self, upstash):
-        agent = scripted_agent([ScriptedModel.fail(RuntimeError("model down"))])
+        agent = scripted_agent([RuntimeError("model down")])
         stack = make_stack(upstash, agent=agent)
         try:
             ada, _ = stack.join("t6", "ada")
@@ -547,7 +547,7 @@ class TestCleanup:
 
     def test_a_reply_over_32_kb_arrives_in_parts(self, upstash):
         long_reply = "word " * 9000  # 45 KB: over API Gateway's 32 KB frame limit
-        stack = make_stack(upstash, agent=scripted_agent([ScriptedModel.text(long_reply)]))
+        stack = make_stack(upstash, agent=scripted_agent([long_reply]))
         try:
             ada, _ = stack.join("c6", "ada")
             stack.say(ada, "tell me everything")
