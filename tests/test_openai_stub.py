@@ -447,6 +447,11 @@ async def test_a_reasoning_item_cut_from_its_call_is_refused(
     await api.create(model="m", input=[USER, rs, fc, output])
 
 
+async def test_server_side_state_is_refused_clearly(server: RunningStub, stub: OpenAIStub) -> None:
+    with pytest.raises(openai.BadRequestError, match="does not support 'previous_response_id'"):
+        await client(server).responses.create(model="m", input="hi", previous_response_id="r1")
+
+
 async def test_a_wrong_key_is_refused_when_a_key_is_required() -> None:
     with serve(OpenAIStub(api_key="right")) as running:
         with pytest.raises(openai.AuthenticationError):

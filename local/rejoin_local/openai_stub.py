@@ -35,7 +35,9 @@ without its output, or an output without its call, in the input (``400``
 ``"No tool call found for function call output with call_id <id>."``; for
 Chat Completions, an assistant ``tool_calls`` message not followed by its
 tool messages, or a tool message with no call), and, for items it produced
-itself, a reasoning item cut from the item that followed it. Every request is
+itself, a reasoning item cut from the item that followed it. It keeps no
+conversation state: ``previous_response_id`` and ``conversation`` are
+refused (400), send the whole input instead (as rejoin does). Every request is
 recorded (:attr:`OpenAIStub.requests`: the body, the input items and an
 approximate token count, ~4 characters per token), so tests can see what the
 model was sent.
@@ -1281,8 +1283,12 @@ def _request_items(api: str, body: Mapping[str, Any]) -> tuple[list[Any], str | 
         if not isinstance(messages, list) or not messages:
             raise _Refused(400, "Missing required parameter: 'messages'.", param="messages")
         return messages, None
+    for stateful in ("previous_response_id", "conversation"):
+        if body.get(stateful):
+            # The stub keeps no responses: say so rather than answer out of context.
+            raise _Refused(400, f"The OpenAI stub does not support '{stateful}'.", param=stateful)
     raw = body.get("input")
-    if raw is None and not body.get("previous_response_id"):
+    if raw is None:
         raise _Refused(400, "Missing required parameter: 'input'.", param="input")
     items = [{"role": "user", "content": raw}] if isinstance(raw, str) else list(raw or [])
     instructions = body.get("instructions")
