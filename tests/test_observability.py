@@ -348,6 +348,10 @@ class TestMetrics:
 # --------------------------------------------------------------------------- #
 
 
+# The SDK's ScriptedModel reports no tokens unless told to.
+SCRIPTED_USAGE = agents.Usage(requests=1, input_tokens=12, output_tokens=5, total_tokens=17)
+
+
 class TracedScriptedModel(ScriptedModel):
     """A ScriptedModel that reports each call as a generation span, as the
     SDK's own models do (the SDK leaves that to the model)."""
@@ -397,7 +401,9 @@ def weather_agent() -> agents.Agent[Any]:
         """The weather in a city."""
         return f"{TOOL_RESULT} of {city}"
 
-    model = TracedScriptedModel([call("weather", {"city": "Reykjavik"}), text(REPLY)])
+    model = TracedScriptedModel(
+        [call("weather", {"city": "Reykjavik"}), text(REPLY)], default_usage=SCRIPTED_USAGE
+    )
     return agents.Agent(name="helper", model=model, tools=[weather])
 
 
