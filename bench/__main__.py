@@ -1,4 +1,4 @@
-"""``python -m bench [--quick] [--only store|rooms] [--json PATH]`` from the repo root.
+"""``python -m bench [--quick] [--only store|rooms|meeting] [--json PATH]`` from the repo root.
 
 Starts a private ``redis-server`` (never the shared one) and the local
 Upstash-compatible endpoint in front of it, runs the benchmarks, prints their
@@ -64,7 +64,7 @@ class _DropEmf(io.TextIOBase):
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a reduced run (a few seconds)")
-    parser.add_argument("--only", choices=["store", "rooms"], help="run one benchmark")
+    parser.add_argument("--only", choices=["store", "rooms", "meeting"], help="run one benchmark")
     parser.add_argument("--json", metavar="PATH", help="also write the raw figures as JSON")
     return parser
 
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
-    from bench import rooms, store
+    from bench import meeting, rooms, store
 
     started = time.monotonic()
     print(f"# rejoin benchmarks{' (quick)' if args.quick else ''}")
@@ -97,7 +97,7 @@ def _main(args: argparse.Namespace) -> int:
     crashed = False
     with private_redis() as redis_url, upstash_endpoint(redis_url) as endpoint:
         print(f"private redis-server at {redis_url}; Upstash-compatible endpoint {endpoint.url}")
-        for name, module in (("store", store), ("rooms", rooms)):
+        for name, module in (("store", store), ("rooms", rooms), ("meeting", meeting)):
             if args.only and args.only != name:
                 continue
             try:

@@ -320,15 +320,11 @@ def offline_agent() -> Any:
 
 
 def scripted_agent(steps: list[Any], tools: list[Any] | None = None) -> Any:
-    """An agent on the SDK's own test double, ``agents.testing.ScriptedModel``.
-
-    A step may also be plain text (the assistant says it).
-    """
+    """An agent on the SDK's ScriptedModel (see tests/scripted.py; a string step is a message)."""
     import agents
-    from agents.testing import ScriptedModel, assistant_message
+    from scripted import script
 
-    script = [[assistant_message(s)] if isinstance(s, str) else s for s in steps]
-    return agents.Agent(name="agent", model=ScriptedModel(script), tools=tools or [])
+    return agents.Agent(name="agent", model=script(steps), tools=tools or [])
 
 
 Factory = Callable[..., Stack]

@@ -28,6 +28,8 @@ SECTIONS = [
     "Cold import, fresh interpreter each",
     "Sample meeting replayed",
     "What this meeting costs",
+    "## Meeting benchmark",
+    "Input tokens of a turn's first model request, by meeting minute",
     "## Goals",
 ]
 

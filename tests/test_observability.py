@@ -23,11 +23,12 @@ from typing import Any
 
 import agents
 import pytest
+from agents.testing import ScriptedModel
 from harness import SECRET, Stack, make_stack, offline_agent, scripted_agent
+from scripted import call, text
 
 from rejoin import observability
 from rejoin.errors import ConfigError
-from rejoin.models import ScriptedModel
 from rejoin.observability import METRICS, bind, lambda_handler, logger
 from rejoin.queue import TurnRequest
 from rejoin.runtime import set_runtime
@@ -345,6 +346,10 @@ class TestMetrics:
 # --------------------------------------------------------------------------- #
 
 
+# The SDK's ScriptedModel reports no tokens unless told to.
+SCRIPTED_USAGE = agents.Usage(requests=1, input_tokens=12, output_tokens=5, total_tokens=17)
+
+
 class TracedScriptedModel(ScriptedModel):
     """A ScriptedModel that reports each call as a generation span, as the
     SDK's own models do (the SDK leaves that to the model)."""
@@ -362,7 +367,7 @@ class TracedScriptedModel(ScriptedModel):
     ) -> Any:
         items = [{"role": "user", "content": input}] if isinstance(input, str) else list(input)
         with agents.tracing.generation_span(
-            model=self.name,
+            model="scripted-model",
             model_config={"temperature": 0.2, "extra_headers": {"x-secret": "nope"}},
             input=items if tracing.include_data() else None,
             disabled=tracing.is_disabled(),
@@ -394,7 +399,9 @@ def weather_agent() -> agents.Agent[Any]:
         """The weather in a city."""
         return f"{TOOL_RESULT} of {city}"
 
-    model = TracedScriptedModel([ScriptedModel.tool_call("weather", {"city": "Reykjavik"}), REPLY])
+    model = TracedScriptedModel(
+        [call("weather", {"city": "Reykjavik"}), text(REPLY)], default_usage=SCRIPTED_USAGE
+    )
     return agents.Agent(name="helper", model=model, tools=[weather])
 
 
@@ -511,7 +518,7 @@ class TestTracing:
             """Always fails."""
             raise RuntimeError(f"cannot: {TEXT}")
 
-        model = TracedScriptedModel([ScriptedModel.tool_call("explode", {})])
+        model = TracedScriptedModel([call("explode", {})])
         agent = agents.Agent(name="helper", model=model, tools=[explode])
         with pytest.raises(Exception):  # noqa: B017 (the SDK wraps the tool's error)
             asyncio.run(

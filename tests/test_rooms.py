@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 import redis
-from agents.testing import ModelStep, assistant_message, function_call
 from harness import Stack, make_stack, offline_agent, scripted_agent
+from scripted import call, cut
 
 from rejoin.errors import SessionGone
 from rejoin.runtime import set_runtime
@@ -367,10 +367,10 @@ class TestTurns:
         # GIVEN a model that calls a tool, then fails on its answer
         agent = scripted_agent(
             [
-                [function_call("lookup", {"q": "x"}, call_id="call-1")],
-                ModelStep.raise_error(RuntimeError("boom")),
-                [function_call("lookup", {"q": "x"}, call_id="call-2")],
-                [assistant_message("the answer")],
+                call("lookup", {"q": "x"}),
+                cut("partial answer here", RuntimeError("boom")),
+                call("lookup", {"q": "x"}),
+                "the answer",
             ],
             [lookup],
         )
@@ -394,7 +394,7 @@ class TestTurns:
             items = history(raw_redis, "t1")
             kinds = [i.get("type", "message") for i in items]
             assert kinds == ["message", "function_call", "function_call_output", "message"]
-            assert items[1]["call_id"] == items[2]["call_id"] == "call-2"
+            assert items[1]["call_id"] == items[2]["call_id"]
             assert spoken(raw_redis, "t1") == [("Ada", "question")]
             final = stack.last(ada, "agent_message")
             assert final["text"] == "the answer" and final["reply_to"] == batch[0].reply_to
@@ -406,7 +406,7 @@ class TestTurns:
             set_runtime(None)
 
     def test_failing_to_shorten_the_retry_delay_still_reports_the_failure(self, upstash):
-        agent = scripted_agent([ModelStep.raise_error(RuntimeError("model down"))])
+        agent = scripted_agent([RuntimeError("model down")])
         stack = make_stack(upstash, agent=agent)
         try:
             ada, _ = stack.join("t6", "ada")
@@ -553,7 +553,7 @@ class TestCleanup:
 
     def test_a_reply_over_32_kb_arrives_in_parts(self, upstash):
         long_reply = "word " * 9000  # 45 KB: over API Gateway's 32 KB frame limit
-        stack = make_stack(upstash, agent=scripted_agent([[assistant_message(long_reply)]]))
+        stack = make_stack(upstash, agent=scripted_agent([long_reply]))
         try:
             ada, _ = stack.join("c6", "ada")
             stack.say(ada, "tell me everything")

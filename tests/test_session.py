@@ -17,6 +17,9 @@ import pytest
 import pytest_asyncio
 import redis
 from agents.memory import Session, SessionSettings
+from agents.testing import ScriptedModel
+from scripted import call as tool_call
+from scripted import script, words
 
 from rejoin import UpstashSession, upstash_client
 from rejoin.errors import (
@@ -456,25 +459,21 @@ class TestRunner:
         agents.set_tracing_disabled(True)
 
     def make_agent(self, steps: list[Any], calls: list[dict[str, int]]) -> agents.Agent[Any]:
-        from rejoin.models import ScriptedModel
-
         @agents.function_tool
         def add(a: int, b: int) -> int:
             """Add two numbers."""
             calls.append({"a": a, "b": b})
             return a + b
 
-        return agents.Agent(name="calc", model=ScriptedModel(steps), tools=[add])
+        return agents.Agent(name="calc", model=script(steps), tools=[add])
 
     async def test_run_with_tool_over_several_turns(self, new_session, raw_redis):
-        from rejoin.models import ScriptedModel
-
         tool_calls: list[dict[str, int]] = []
         agent = self.make_agent(
             [
-                ScriptedModel.tool_call("add", {"a": 2, "b": 3}, call_id="call_a"),
-                ScriptedModel.text("2 + 3 = 5"),
-                ScriptedModel.text("You asked about 2 + 3."),
+                tool_call("add", {"a": 2, "b": 3}, call_id="call_a"),
+                "2 + 3 = 5",
+                "You asked about 2 + 3.",
             ],
             tool_calls,
         )
@@ -497,9 +496,7 @@ class TestRunner:
         assert len(stored(raw_redis, session)) == 6
 
     def test_run_sync(self, upstash, raw_redis):
-        from rejoin.models import ScriptedModel
-
-        agent = self.make_agent([ScriptedModel.text("hello"), ScriptedModel.text("again")], [])
+        agent = self.make_agent(["hello", "again"], [])
 
         async def make() -> UpstashSession:
             c = upstash_client(upstash.url, upstash.token, timeout=2.0)
@@ -511,13 +508,11 @@ class TestRunner:
         assert [i.get("content") for i in stored(raw_redis, session)][::2] == ["hi", "hi2"]
 
     async def test_run_streamed(self, new_session, raw_redis):
-        from rejoin.models import ScriptedModel
-
         tool_calls: list[dict[str, int]] = []
         agent = self.make_agent(
             [
-                ScriptedModel.tool_call("add", {"a": 1, "b": 1}),
-                ScriptedModel.text("one and one make two"),
+                tool_call("add", {"a": 1, "b": 1}),
+                words("one and one make two"),
             ],
             tool_calls,
         )

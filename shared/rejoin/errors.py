@@ -2,7 +2,8 @@
 
 Catch :class:`RejoinError` for anything rejoin raises; catch a feature's base
 (:class:`StoreError`, :class:`AuthError`, :class:`FrameError`,
-:class:`RoomError`, :class:`SendError`, :class:`ConfigError`) to handle one
+:class:`RoomError`, :class:`SendError`, :class:`ConfigError`,
+:class:`CompactionError`) to handle one
 feature's failures. Messages never contain secrets (tokens, keys): they are
 safe to log and to show.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 __all__ = [
     "AuthError",
+    "CompactionError",
     "ConfigError",
     "ConnectionGone",
     "FrameError",
@@ -190,3 +192,10 @@ class PayloadTooLarge(SendError):
 
 class ConfigError(RejoinError):
     """Configuration or a secret is missing or malformed."""
+
+
+# --- compaction -------------------------------------------------------------
+
+
+class CompactionError(RejoinError):
+    """A history could not be compacted; it was left as it was."""

@@ -1,15 +1,22 @@
-"""Models the turn worker runs: scripted ones for tests, an offline stand-in, the real one.
+"""The models the turn worker runs: the real one, or an offline stand-in.
 
-- :class:`ScriptedModel` plays a fixed script of turns, for tests.
+- :func:`build_model` picks the OpenAI model (Responses API, or Chat
+  Completions for an ``OPENAI_BASE_URL``), or the stand-in when no key is set.
 - :class:`OfflineModel` answers without an API key, so the local stack works
-  on any machine; every answer starts with ``[offline model]``.
-- :func:`build_model` picks the OpenAI model, or the stand-in when no key is set.
+  on any machine; every answer starts with ``[offline model]``. It reads
+  rejoin's speaker items (see :mod:`rejoin.compaction`), calls the
+  ``current_time`` tool when asked for the time, and answers the
+  summarisation requests of :class:`rejoin.compaction.ModelSummariser`.
 
-Both fake models speak the same protocol as the SDK's OpenAI models:
+The stand-in speaks the same protocol as the SDK's OpenAI models:
 ``get_response`` returns a :class:`~agents.items.ModelResponse`, and
 ``stream_response`` yields OpenAI Responses stream events, word by word,
 ending with ``response.completed`` carrying the full ``Response`` (the Runner
 builds the turn's result from that last event only).
+
+Tests script models with the SDK's own ``agents.testing.ScriptedModel`` (and
+the few helpers it lacks in ``tests/scripted.py``), not with a model shipped
+in the Lambda layer.
 
 This module imports the Agents SDK, which is slow to import: only the turn
 worker (and tests) import it.
@@ -19,13 +26,12 @@ from __future__ import annotations
 
 import abc
 import asyncio
-import copy
 import itertools
 import json
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeAlias
@@ -60,6 +66,7 @@ from openai.types.responses import (
 from openai.types.responses.response_reasoning_item import Summary
 from openai.types.responses.response_usage import InputTokensDetails, OutputTokensDetails
 
+from .compaction import TRANSCRIPT_HEADER, _said, parse_summary_item
 from .observability import logger
 
 if TYPE_CHECKING:
@@ -72,14 +79,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CURRENT_TIME_TOOL_NAME",
     "OFFLINE_LABEL",
-    "ModelCall",
     "OfflineModel",
-    "ScriptExhaustedError",
-    "ScriptedModel",
-    "ScriptedReasoning",
-    "ScriptedStep",
-    "ScriptedText",
-    "ScriptedToolCall",
     "build_model",
     "current_time_tool",
     "make_current_time_tool",
@@ -110,30 +110,20 @@ def split_into_chunks(text: str) -> list[str]:
 
 
 # --------------------------------------------------------------------------- #
-# Script steps
+# What the stand-in answers, before it is rendered as Responses items
 # --------------------------------------------------------------------------- #
 
 
 @dataclass(frozen=True)
-class ScriptedText:
-    """An assistant message.
-
-    Attributes:
-        text: what the assistant says.
-    """
+class _Text:
+    """An assistant message saying ``text``."""
 
     text: str
 
 
 @dataclass(frozen=True)
-class ScriptedToolCall:
-    """A function call.
-
-    Attributes:
-        name: the tool's name.
-        arguments: the arguments, sent to the tool as JSON.
-        call_id: the call id; a fresh one per model call when None.
-    """
+class _ToolCall:
+    """A call of the function tool ``name`` (a fresh call id when ``call_id`` is None)."""
 
     name: str
     arguments: Mapping[str, Any] = field(default_factory=dict)
@@ -141,55 +131,20 @@ class ScriptedToolCall:
 
 
 @dataclass(frozen=True)
-class ScriptedReasoning:
-    """A reasoning item (its summary text).
-
-    Attributes:
-        summary: the reasoning summary.
-    """
+class _Reasoning:
+    """A reasoning item with this summary."""
 
     summary: str
 
 
-ScriptedOutput: TypeAlias = ScriptedText | ScriptedToolCall | ScriptedReasoning
+_Output: TypeAlias = _Text | _ToolCall | _Reasoning
 
 
 @dataclass(frozen=True)
-class ScriptedStep:
-    """What a model answers on one call.
+class _Step:
+    """The output items of one model call, in order."""
 
-    Attributes:
-        outputs: the output items, in order.
-        error: raised on this call instead of answering (or after some deltas).
-        deltas_before_error: when streaming, how many text deltas to send
-            before raising ``error``; None raises before the first event.
-            ``get_response`` always raises before answering.
-    """
-
-    outputs: tuple[ScriptedOutput, ...] = ()
-    error: Exception | None = None
-    deltas_before_error: int | None = None
-
-
-@dataclass(frozen=True)
-class ModelCall:
-    """One call a :class:`ScriptedModel` received.
-
-    Attributes:
-        system_instructions: the agent's instructions for this call.
-        input: a deep copy of the input items (or string) the Runner sent.
-        tool_names: the names of the tools offered to the model.
-        streamed: True for ``stream_response``, False for ``get_response``.
-    """
-
-    system_instructions: str | None
-    input: str | list[TResponseInputItem]
-    tool_names: tuple[str, ...]
-    streamed: bool
-
-
-class ScriptExhaustedError(RuntimeError):
-    """A :class:`ScriptedModel` was called more often than its script has steps."""
+    outputs: tuple[_Output, ...] = ()
 
 
 # --------------------------------------------------------------------------- #
@@ -201,9 +156,9 @@ def _new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex}"
 
 
-def _render_item(output: ScriptedOutput) -> ResponseOutputItem:
+def _render_item(output: _Output) -> ResponseOutputItem:
     """Build the Responses output item for one scripted output (fresh ids)."""
-    if isinstance(output, ScriptedText):
+    if isinstance(output, _Text):
         return ResponseOutputMessage(
             id=_new_id("msg"),
             type="message",
@@ -211,7 +166,7 @@ def _render_item(output: ScriptedOutput) -> ResponseOutputItem:
             status="completed",
             content=[ResponseOutputText(type="output_text", text=output.text, annotations=[])],
         )
-    if isinstance(output, ScriptedToolCall):
+    if isinstance(output, _ToolCall):
         return ResponseFunctionToolCall(
             id=_new_id("fc"),
             type="function_call",
@@ -357,7 +312,7 @@ def _stream_events(response: Response) -> Iterator[TResponseStreamEvent]:
 
 
 class _SteppedModel(Model, abc.ABC):
-    """A model whose every call is answered by a :class:`ScriptedStep`.
+    """A model whose every call is answered by a :class:`_Step`.
 
     Subclasses decide the step (:meth:`_next_step`); this class turns it into
     a ``ModelResponse`` or a stream of Responses events.
@@ -379,7 +334,7 @@ class _SteppedModel(Model, abc.ABC):
         tools: list[Tool],
         *,
         streamed: bool,
-    ) -> ScriptedStep:
+    ) -> _Step:
         """Decide what to answer on this call."""
 
     async def get_response(
@@ -398,8 +353,6 @@ class _SteppedModel(Model, abc.ABC):
     ) -> ModelResponse:
         """Answer one call in full (see :meth:`agents.models.interface.Model.get_response`)."""
         step = self._next_step(system_instructions, input, tools, streamed=False)
-        if step.error is not None:
-            raise step.error
         items = [_render_item(output) for output in step.outputs]
         return ModelResponse(
             output=items, usage=_build_usage(input, items), response_id=_new_id("resp")
@@ -421,8 +374,6 @@ class _SteppedModel(Model, abc.ABC):
     ) -> AsyncIterator[TResponseStreamEvent]:
         """Stream one call (see :meth:`agents.models.interface.Model.stream_response`)."""
         step = self._next_step(system_instructions, input, tools, streamed=True)
-        if step.error is not None and step.deltas_before_error is None:
-            raise step.error
         items = [_render_item(output) for output in step.outputs]
         usage = _build_usage(input, items)
         response = Response(
@@ -437,143 +388,14 @@ class _SteppedModel(Model, abc.ABC):
             tools=[],
             usage=_response_usage(usage),
         )
-        deltas = 0
+        first = True
         for event in _stream_events(response):
-            if event.type == "response.completed" and step.error is not None:
-                raise step.error  # fewer deltas than asked for: fail before completing
             if event.type == "response.output_text.delta":
-                if deltas:
+                if not first:
                     # Even with no delay, let consumers run between deltas.
                     await asyncio.sleep(self.delay)
-                deltas += 1
+                first = False
             yield event
-            if step.error is not None and deltas == step.deltas_before_error:
-                # Yield to the loop first, as a network stream would: the SDK drops
-                # queued events once the run fails, so a consumer would see no deltas.
-                await asyncio.sleep(self.delay)
-                raise step.error
-
-
-# --------------------------------------------------------------------------- #
-# ScriptedModel
-# --------------------------------------------------------------------------- #
-
-
-def _as_step(step: object) -> ScriptedStep:
-    if isinstance(step, ScriptedStep):
-        return step
-    if isinstance(step, str):
-        return ScriptedStep((ScriptedText(step),))
-    if isinstance(step, ScriptedText | ScriptedToolCall | ScriptedReasoning):
-        return ScriptedStep((step,))
-    # Caught at construction, not on the call that would reach it.
-    raise TypeError(f"not a script step: {step!r}")
-
-
-class ScriptedModel(_SteppedModel):
-    """A deterministic model for tests: plays a script, one step per call, no network.
-
-    Example::
-
-        model = ScriptedModel([
-            ScriptedModel.tool_call("lookup", {"q": "ada"}),  # call 1
-            ScriptedModel.text("Ada was a mathematician."),  # call 2
-        ])
-        agent = Agent(name="a", model=model, tools=[lookup])
-
-    Args:
-        steps: what to answer on each call, in order; a bare output (from
-            :meth:`text`, :meth:`tool_call`, :meth:`reasoning`) is a step
-            with that one output, and a bare string is :meth:`text`.
-        name: the model name reported in responses.
-        delay: seconds to wait between two streamed text deltas.
-
-    Attributes:
-        calls: every call received, in order (including failing ones).
-    """
-
-    def __init__(
-        self,
-        steps: Sequence[ScriptedStep | ScriptedOutput | str],
-        *,
-        name: str = "scripted-model",
-        delay: float = 0.0,
-    ) -> None:
-        super().__init__(name=name, delay=delay)
-        self._steps = [_as_step(step) for step in steps]
-        self.calls: list[ModelCall] = []
-
-    @staticmethod
-    def text(text: str) -> ScriptedText:
-        """An assistant message saying ``text``."""
-        return ScriptedText(text)
-
-    @staticmethod
-    def tool_call(
-        name: str, arguments: Mapping[str, Any] | None = None, call_id: str | None = None
-    ) -> ScriptedToolCall:
-        """A call of the function tool ``name`` with ``arguments`` (a fresh call id if None)."""
-        return ScriptedToolCall(name, dict(arguments or {}), call_id)
-
-    @staticmethod
-    def reasoning(summary: str) -> ScriptedReasoning:
-        """A reasoning item, to put before other outputs with :meth:`step`."""
-        return ScriptedReasoning(summary)
-
-    @staticmethod
-    def step(*outputs: ScriptedOutput) -> ScriptedStep:
-        """One call answered with several output items (e.g. two tool calls)."""
-        return ScriptedStep(outputs)
-
-    @staticmethod
-    def fail(exc: Exception) -> ScriptedStep:
-        """A call that raises ``exc`` before answering anything."""
-        return ScriptedStep(error=exc)
-
-    @staticmethod
-    def fail_after_deltas(text: str, exc: Exception, *, deltas: int | None = None) -> ScriptedStep:
-        """A call that streams part of ``text``, then raises ``exc``.
-
-        Args:
-            text: the message being streamed.
-            exc: the error to raise.
-            deltas: how many text deltas to send first; default: half the
-                words (at least one).
-
-        Returns:
-            The step. ``get_response`` raises ``exc`` without answering.
-        """
-        count = deltas if deltas is not None else max(1, len(split_into_chunks(text)) // 2)
-        return ScriptedStep((ScriptedText(text),), error=exc, deltas_before_error=count)
-
-    @property
-    def remaining(self) -> int:
-        """How many steps have not been played yet."""
-        return len(self._steps) - len(self.calls)
-
-    def _next_step(
-        self,
-        system_instructions: str | None,
-        input: str | list[TResponseInputItem],
-        tools: list[Tool],
-        *,
-        streamed: bool,
-    ) -> ScriptedStep:
-        self.calls.append(
-            ModelCall(
-                system_instructions=system_instructions,
-                input=copy.deepcopy(input),
-                tool_names=tuple(_tool_name(tool) for tool in tools),
-                streamed=streamed,
-            )
-        )
-        number = len(self.calls)
-        if number > len(self._steps):
-            raise ScriptExhaustedError(
-                f"ScriptedModel {self.name!r} got call {number} but its script has only "
-                f"{len(self._steps)} step(s)"
-            )
-        return self._steps[number - 1]
 
 
 # --------------------------------------------------------------------------- #
@@ -584,6 +406,8 @@ class ScriptedModel(_SteppedModel):
 # sentence punctuation, so "Why? Because: ..." is not taken for a speaker.
 _SPEAKER = re.compile(r"^\s*([^\s:?!][^:\n?!]{0,39}):\s+(\S.*)$", re.DOTALL)
 _ASKS_TIME = re.compile(r"\b(time|date|clock)\b", re.IGNORECASE)
+# An offline summary quotes at most this much of each speaker's last words.
+_QUOTE_CHARS = 60
 
 
 def _field(item: object, name: str) -> Any:
@@ -620,20 +444,33 @@ def _output_text(output: Any) -> str:
 
 
 def _speaker_and_text(message: str) -> tuple[str | None, str]:
+    """rejoin's JSON speaker item, else the older ``"Name: text"``, else plain text."""
+    said = _said(message)
+    if said is not None:
+        return said.name, said.text.strip()
     match = _SPEAKER.match(message)
     if match is None:
         return None, message.strip()
     return match.group(1).strip(), match.group(2).strip()
 
 
+def _quote(text: str) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= _QUOTE_CHARS else flat[: _QUOTE_CHARS - 3] + "..."
+
+
 class OfflineModel(_SteppedModel):
     """The stand-in model used when ``OPENAI_API_KEY`` is unset: no network, deterministic.
 
-    It echoes the latest user message (``"<speaker>: <text>"``, as rejoin
-    stores it) with a count of the conversation's messages, so a local user
-    can see that history survives a reconnect. Asked for the time or date,
-    it calls the ``current_time`` tool when the agent has it, then answers
-    with the tool's output. Every answer starts with :data:`OFFLINE_LABEL`.
+    It echoes the latest participant message (read from rejoin's JSON
+    speaker items, or ``"<speaker>: <text>"``, or plain text) with a count
+    of the messages it was sent, so a local user can see that history
+    survives a reconnect (and what a window or a summary leaves in view).
+    Asked for the time or date, it calls the ``current_time`` tool when the
+    agent has it, then answers with the tool's output. Asked to summarise by
+    :class:`rejoin.compaction.ModelSummariser`, it lists who spoke, how
+    often, and their last words. Every answer starts with
+    :data:`OFFLINE_LABEL`.
 
     Args:
         delay: seconds between two streamed words, so a page visibly streams.
@@ -650,31 +487,78 @@ class OfflineModel(_SteppedModel):
         tools: list[Tool],
         *,
         streamed: bool,
-    ) -> ScriptedStep:
+    ) -> _Step:
         items: list[Any] = [{"role": "user", "content": input}] if isinstance(input, str) else input
-        user_messages = [m for m in items if _is_message(m, frozenset({"user"}))]
+        summaries = [m for m in items if parse_summary_item(m) is not None]
+        user_messages = [
+            m
+            for m in items
+            if _is_message(m, frozenset({"user"})) and parse_summary_item(m) is None
+        ]
         if not user_messages:
-            return ScriptedStep((ScriptedText(f"{OFFLINE_LABEL} Nobody has said anything yet."),))
-        speaker, text = _speaker_and_text(_content_text(_field(user_messages[-1], "content")))
+            return _Step((_Text(f"{OFFLINE_LABEL} Nobody has said anything yet."),))
+        latest = _content_text(_field(user_messages[-1], "content"))
+        if latest.startswith(TRANSCRIPT_HEADER):
+            return _Step((_Text(_offline_summary(latest)),))
+        speaker, text = _speaker_and_text(latest)
 
         time_answer = _answer_to_time_call(items, speaker)
         if time_answer is not None:
-            return ScriptedStep((ScriptedText(time_answer),))
+            return _Step((_Text(time_answer),))
         has_clock = any(_tool_name(tool) == CURRENT_TIME_TOOL_NAME for tool in tools)
         if has_clock and _ASKS_TIME.search(text):
-            return ScriptedStep((ScriptedToolCall(CURRENT_TIME_TOOL_NAME, {}),))
+            return _Step((_ToolCall(CURRENT_TIME_TOOL_NAME, {}),))
 
-        count = sum(1 for m in items if _is_message(m, frozenset({"user", "assistant"})))
+        count = len(user_messages) + sum(
+            1 for m in items if _is_message(m, frozenset({"assistant"}))
+        )
+        earlier = sum(s.messages for m in summaries if (s := parse_summary_item(m)) is not None)
         opening = f"{speaker}, you said" if speaker else "You said"
-        return ScriptedStep(
+        return _Step(
             (
-                ScriptedText(
+                _Text(
                     f'{OFFLINE_LABEL} {opening}: "{text}". I am a stand-in that runs without '
                     "an API key; set OPENAI_API_KEY to talk to a real model. This conversation "
-                    f"has {count} message{'' if count == 1 else 's'} so far."
+                    f"has {count} message{'' if count == 1 else 's'} so far"
+                    + (f", after a summary of {earlier} earlier ones." if summaries else ".")
                 ),
             )
         )
+
+
+def _offline_summary(request: str) -> str:
+    """A summary of a :class:`~rejoin.compaction.ModelSummariser` transcript, by counting."""
+    spoken: dict[str, int] = {}
+    last: dict[str, str] = {}
+    earlier = ""
+    answers = tools = 0
+    for line in request.split("\n")[1:]:
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(entry, dict):
+            continue
+        speaker = entry.get("speaker")
+        if isinstance(speaker, dict) and isinstance(speaker.get("name"), str):
+            name = speaker["name"]
+            spoken[name] = spoken.get(name, 0) + 1
+            last[name] = str(entry.get("text", ""))
+        elif "earlier_summary" in entry:
+            earlier = str(entry["earlier_summary"]).removeprefix(f"{OFFLINE_LABEL} ")
+        elif "agent" in entry:
+            answers += 1
+        elif "tool_call" in entry:
+            tools += 1
+    people = "; ".join(
+        f'{name} ({count}x, last: "{_quote(last[name])}")' for name, count in spoken.items()
+    )
+    parts = [f"{OFFLINE_LABEL} Summary."]
+    if earlier:
+        parts.append(f"Before: {_quote(earlier)}")
+    parts.append(f"Then: {people or 'no participant spoke'}.")
+    parts.append(f"The agent answered {answers} time(s) and used tools {tools} time(s).")
+    return " ".join(parts)
 
 
 def _answer_to_time_call(items: list[Any], speaker: str | None) -> str | None:
