@@ -586,7 +586,7 @@ if stored ~= ARGV[6] then
 end
 redis.call('LTRIM', items, cut, -1)
 redis.call('LPUSH', items, ARGV[7])
-remember(ops, results, op, now)
+remember(ops, results, op, now, keep)
 slide(ttl, {items, meta})
 return 1
 """,
