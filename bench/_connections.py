@@ -33,6 +33,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import ssl
 import sys
 import threading
 from collections.abc import Iterator, Mapping
@@ -284,13 +285,21 @@ class ConnectionsApi:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
-        """Serve on a thread of its own; returns the endpoint URL (with the stage)."""
+    def start(
+        self, host: str = "127.0.0.1", port: int = 0, ssl_context: ssl.SSLContext | None = None
+    ) -> str:
+        """Serve on a thread of its own; returns the endpoint URL (with the stage).
+
+        Args:
+            host: the address to listen on (loopback).
+            port: the port (0: a free one).
+            ssl_context: serve HTTPS with this server context.
+        """
         started = threading.Event()
 
         def run() -> None:
             loop = self._loop = asyncio.new_event_loop()
-            self._server = loop.run_until_complete(self._listen(host, port))
+            self._server = loop.run_until_complete(self._listen(host, port, ssl_context))
             started.set()
             loop.run_forever()
             self._server.close()
@@ -306,11 +315,16 @@ class ConnectionsApi:
             raise RuntimeError("the @connections stand-in did not start")
         return self.url
 
-    async def _listen(self, host: str, port: int) -> asyncio.Server:
+    async def _listen(
+        self, host: str, port: int, ssl_context: ssl.SSLContext | None
+    ) -> asyncio.Server:
         loop = asyncio.get_running_loop()
-        server = await loop.create_server(lambda: _Protocol(self), host, port, backlog=1024)
+        server = await loop.create_server(
+            lambda: _Protocol(self), host, port, backlog=1024, ssl=ssl_context
+        )
         bound = server.sockets[0].getsockname()
-        self.url = f"http://{bound[0]}:{bound[1]}{self.stage}"
+        scheme = "https" if ssl_context else "http"
+        self.url = f"{scheme}://{bound[0]}:{bound[1]}{self.stage}"
         return server
 
     def stop(self) -> None:

@@ -8,6 +8,7 @@ import datetime
 import http.server
 import json
 import os
+import ssl
 import subprocess
 import sys
 import threading
@@ -19,6 +20,7 @@ from urllib.parse import quote
 import boto3
 import pytest
 
+import rejoin._http1
 from bench._connections import ConnectionsApi, StandInCredentials, botocore_authorization
 from rejoin._sigv4 import EMPTY_SHA256, Credentials, Signer
 from rejoin.errors import (
@@ -565,6 +567,75 @@ def test_one_sender_serves_several_event_loops(api: ConnectionsApi) -> None:
     assert errors == []
     for cid in ids:
         assert api.delivered(cid) == [f"{r}.{n}".encode() for r in range(3) for n in range(5)]
+
+
+def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key (PEM files)."""
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "stand-in")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+async def test_https_is_verified_and_kept_alive(
+    lambda_env: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # GIVEN the stand-in behind TLS with a certificate for 127.0.0.1
+    cert, key = _self_signed(tmp_path)
+    server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_tls.load_cert_chain(cert, key)
+    api = ConnectionsApi(region="eu-west-3", credentials=(LAMBDA,))
+    url = api.start(ssl_context=server_tls)
+    try:
+        api.open("c1")
+        # WHEN the sender's trust store does not hold that certificate
+        # THEN it refuses to connect, naming the failure
+        sender = ApiGatewaySender(url)
+        with pytest.raises(SendError, match=r"could not connect to 127\.0\.0\.1"):
+            await sender.post("c1", b"untrusted")
+        await sender.aclose()
+        # and WHEN it trusts it, three posts go over one verified TLS connection, signed right
+        monkeypatch.setattr(rejoin._http1, "_ssl_context", ssl.create_default_context(cafile=cert))
+        sender = ApiGatewaySender(url)
+        for n in range(3):
+            await sender.post("c1", str(n).encode())
+        await sender.aclose()
+        assert api.delivered("c1") == [b"0", b"1", b"2"]
+        assert [r.signature for r in api.received()] == ["ok", "ok", "ok"]
+        assert api.stats()["connections"] == 1  # (the refused handshake never reached HTTP)
+    finally:
+        api.stop()
 
 
 def test_endpoint_must_be_http() -> None:

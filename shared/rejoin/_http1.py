@@ -19,7 +19,6 @@ import collections
 import select
 import ssl
 import threading
-from dataclasses import dataclass
 
 __all__ = ["HttpError", "Pool", "Response"]
 
@@ -47,13 +46,32 @@ class HttpError(Exception):
         self.before_response = before_response
 
 
-@dataclass(frozen=True, slots=True)
 class Response:
-    """An HTTP answer: status, headers (lower-case names) and the whole body."""
+    """An HTTP answer: status, headers (lower-case names) and the whole body.
 
-    status: int
-    headers: dict[str, str]
-    body: bytes
+    The headers are parsed when first read (only error answers need them).
+    """
+
+    __slots__ = ("_head", "_headers", "body", "status")
+
+    def __init__(self, status: int, head: bytes, body: bytes) -> None:
+        self.status = status
+        self.body = body
+        self._head = head
+        self._headers: dict[str, str] | None = None
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """Header names in lower case; a repeated header's values joined with ``, ``."""
+        headers = self._headers
+        if headers is None:
+            headers = {}
+            for line in self._head.decode("latin-1").split("\r\n")[1:]:
+                name, _, value = line.partition(":")
+                name, value = name.strip().lower(), value.strip()
+                headers[name] = f"{headers[name]}, {value}" if name in headers else value
+            self._headers = headers
+        return headers
 
 
 def _default_ssl_context() -> ssl.SSLContext:
@@ -83,7 +101,7 @@ class _Connection(asyncio.Protocol):
         self._buf = bytearray()
         self._waiter: asyncio.Future[Response] | None = None
         self._method = "GET"
-        self._head: tuple[int, dict[str, str], int, bool] | None = None
+        self._head: tuple[int, bytes, int, bool] | None = None
         self._got_bytes = False
 
     # -- asyncio callbacks --
@@ -113,8 +131,8 @@ class _Connection(asyncio.Protocol):
         self.reusable = False
         head, waiter = self._head, self._waiter
         if head is not None and head[2] == _UNTIL_CLOSE and waiter and not waiter.done():
-            status, headers, _, _ = head
-            waiter.set_result(Response(status, headers, bytes(self._buf)))
+            status, raw_head, _, _ = head
+            waiter.set_result(Response(status, raw_head, bytes(self._buf)))
         return False  # let the transport close
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -165,6 +183,13 @@ class _Connection(asyncio.Protocol):
         # or stray bytes all mean it must not carry another request.
         return bool(readable)
 
+    def fail(self, error: HttpError) -> None:
+        """End the exchange in progress with ``error`` and drop the connection."""
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(error)
+        self.close()
+
     def close(self) -> None:
         self.reusable = False
         transport = self.transport
@@ -186,7 +211,7 @@ class _Connection(asyncio.Protocol):
             if 100 <= head[0] < 200:
                 continue  # an interim answer (100 Continue): the real one follows
             self._head = head
-        status, headers, length, keep_alive = self._head
+        status, raw_head, length, keep_alive = self._head
         if length >= 0:
             if len(buf) < length:
                 return None
@@ -206,42 +231,48 @@ class _Connection(asyncio.Protocol):
             keep_alive = False
         self._head = None
         self.reusable = keep_alive
-        return Response(status, headers, body)
+        return Response(status, raw_head, body)
 
 
-def _parse_head(raw: bytes, method: str) -> tuple[int, dict[str, str], int, bool]:
-    lines = raw.decode("latin-1").split("\r\n")
-    version, _, rest = lines[0].partition(" ")
-    code = rest[:3]
-    if not version.startswith("HTTP/1.") or len(code) != 3 or not code.isdigit():
-        raise HttpError(f"not an HTTP/1.x answer: {lines[0][:80]!r}")
-    status = int(code)
-    headers: dict[str, str] = {}
-    for line in lines[1:]:
-        name, sep, value = line.partition(":")
-        if not sep:
-            raise HttpError("a malformed header line in the answer")
-        name, value = name.strip().lower(), value.strip()
-        headers[name] = f"{headers[name]}, {value}" if name in headers else value
+def _parse_head(raw: bytes, method: str) -> tuple[int, bytes, int, bool]:
+    """Status, the head itself, the body's length (or how it ends) and keep-alive."""
+    # Only three headers matter here: find them in a lower-cased copy (C speed)
+    # instead of splitting every line; the rest is parsed if an error needs it.
+    if raw[:7] != b"HTTP/1." or raw[8:9] != b" " or not raw[9:12].isdigit():
+        raise HttpError(f"not an HTTP/1.x answer: {raw[:80]!r}")
+    status = int(raw[9:12])
+    lower = raw.lower()
     if method == "HEAD" or status in (204, 304) or 100 <= status < 200:
         length = 0
-    elif "chunked" in headers.get("transfer-encoding", "").lower():
+    elif b"chunked" in (_header(lower, b"transfer-encoding") or b""):
         length = _CHUNKED
-    elif "content-length" in headers:
-        text = headers["content-length"].split(",")[0].strip()
-        if not text.isdigit():
-            raise HttpError("a malformed Content-Length in the answer")
-        length = int(text)
-        if length > MAX_BODY:
-            raise HttpError("the answer is too large")
     else:
-        length = _UNTIL_CLOSE
+        text = _header(lower, b"content-length")
+        if text is None:
+            length = _UNTIL_CLOSE
+        else:
+            text = text.split(b",")[0].strip()
+            if not text.isdigit():
+                raise HttpError("a malformed Content-Length in the answer")
+            length = int(text)
+            if length > MAX_BODY:
+                raise HttpError("the answer is too large")
     keep_alive = (
-        version == "HTTP/1.1"
-        and "close" not in headers.get("connection", "").lower()
+        raw[5:8] == b"1.1"
+        and b"close" not in (_header(lower, b"connection") or b"")
         and length != _UNTIL_CLOSE
     )
-    return status, headers, length, keep_alive
+    return status, raw, length, keep_alive
+
+
+def _header(lower: bytes, name: bytes) -> bytes | None:
+    """The first value of header ``name`` (lower case), in lower case; None if absent."""
+    start = lower.find(b"\r\n" + name + b":")
+    if start < 0:
+        return None
+    start += len(name) + 3
+    end = lower.find(b"\r\n", start)
+    return lower[start : end if end >= 0 else len(lower)].strip()
 
 
 def _parse_chunked(buf: bytearray) -> tuple[bytes, int] | None:
@@ -282,8 +313,10 @@ class Pool:
         port: the port.
         max_connections: the most requests in flight at once; more wait.
         connect_timeout: seconds to open a connection (TLS included).
-        request_timeout: seconds for a whole exchange (connecting included),
-            counted once a slot is free.
+        request_timeout: seconds to wait for the answer once the request is
+            written (connecting has ``connect_timeout``). One timer checks every
+            request in flight a few times per timeout, so a late answer fails
+            up to a fifth of it later (at most 0.5 s).
         idle_timeout: seconds an idle connection is kept.
     """
 
@@ -312,26 +345,38 @@ class Pool:
         self._slots = asyncio.Semaphore(max_connections)
         self._closed = False
         self.connections_opened = 0
+        # One timer for every request in flight (a timer each costs CPU per request).
+        self._in_flight: dict[_Connection, float] = {}
+        self._tick = max(0.02, min(0.5, request_timeout / 5))
+        self._reaper: asyncio.TimerHandle | None = None
+
+    def _reap(self) -> None:
+        now = asyncio.get_running_loop().time()
+        for conn, deadline in list(self._in_flight.items()):
+            if deadline <= now:
+                conn.fail(HttpError(f"no answer within {self._request_timeout:g} s"))
+        self._reaper = (
+            asyncio.get_running_loop().call_later(self._tick, self._reap)
+            if self._in_flight
+            else None
+        )
 
     async def request(self, method: str, request: bytes) -> Response:
         """Send ``request`` (the whole HTTP/1.1 message) and return the answer.
 
         A reused connection that turns out closed before any answer (the
-        server dropped it while idle) is replaced by a fresh one, once.
+        server dropped it while idle) is replaced by a fresh one, once. Waiting
+        for a free slot (``max_connections`` in flight) has no time limit.
 
         Args:
             method: the request's method (a HEAD answer has no body).
             request: the request line, headers and body, encoded.
 
         Raises:
-            HttpError: no complete answer (timeout included).
+            HttpError: no complete answer (a timeout included).
         """
         async with self._slots:
-            try:
-                async with asyncio.timeout(self._request_timeout):
-                    return await self._exchange(method, request)
-            except TimeoutError:
-                raise HttpError(f"no answer within {self._request_timeout:g} s") from None
+            return await self._exchange(method, request)
 
     async def _exchange(self, method: str, request: bytes) -> Response:
         for attempt in range(2):
@@ -339,6 +384,10 @@ class Pool:
             reused = conn is not None
             if conn is None:
                 conn = await self._connect()
+            loop = asyncio.get_running_loop()
+            self._in_flight[conn] = loop.time() + self._request_timeout
+            if self._reaper is None:
+                self._reaper = loop.call_later(self._tick, self._reap)
             try:
                 response = await conn.exchange(method, request)
             except HttpError as exc:
@@ -347,9 +396,11 @@ class Pool:
                     continue
                 raise
             except BaseException:
-                # Cancelled or timed out mid-exchange: the connection's state is unknown.
+                # Cancelled mid-exchange: the connection's state is unknown.
                 conn.close()
                 raise
+            finally:
+                self._in_flight.pop(conn, None)
             if conn.reusable and not self._closed:
                 conn.idle_since = asyncio.get_running_loop().time()
                 self._idle.append(conn)

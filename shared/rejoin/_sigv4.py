@@ -85,22 +85,31 @@ class Signer:
         self.region = region
         self.service = service
         self._scope_tail = f"/{region}/{service}/aws4_request"
-        # (secret, day, signing key): one entry, the key changes once a day.
-        # Replaced whole, so threads reading it never see half an update.
-        self._key: tuple[str, str, bytes] | None = None
+        # (secret, day, signing key, its HMAC's inner and outer hashes): one
+        # entry, the key changes once a day. Replaced whole, so threads reading
+        # it never see half an update.
+        self._key: tuple[str, str, bytes, Any, Any] | None = None
         self._stamp: tuple[int, str] = (-1, "")  # X-Amz-Date of the current second
         self._token: tuple[str | None, str] = (None, "")
 
     def signing_key(self, secret_key: str, day: str) -> bytes:
         """The derived key for ``day`` (``YYYYMMDD``); computed once per secret and day."""
+        return self._keyed(secret_key, day)[2]
+
+    def _keyed(self, secret_key: str, day: str) -> tuple[str, str, bytes, Any, Any]:
         cached = self._key
         if cached is not None and cached[0] == secret_key and cached[1] == day:
-            return cached[2]
+            return cached
         key = _hmac(("AWS4" + secret_key).encode(), day)
         for part in (self.region, self.service, "aws4_request"):
             key = _hmac(key, part)
-        self._key = (secret_key, day, key)
-        return key
+        # HMAC-SHA256 with this key, its inner and outer hashes started once:
+        # copying them is ~4x cheaper than hmac.digest under OpenSSL 3.
+        padded = key.ljust(64, b"\0")
+        inner = hashlib.sha256(bytes(b ^ 0x36 for b in padded))
+        outer = hashlib.sha256(bytes(b ^ 0x5C for b in padded))
+        cached = self._key = (secret_key, day, key, inner, outer)
+        return cached
 
     def sign(
         self,
@@ -155,8 +164,12 @@ class Signer:
             f"{_ALGORITHM}\n{amz_date}\n{scope}\n"
             f"{hashlib.sha256(canonical_request.encode()).hexdigest()}"
         )
-        key = self.signing_key(credentials.secret_key, day)
-        signature = hmac.digest(key, string_to_sign.encode(), "sha256").hex()
+        _, _, _, inner_start, outer_start = self._keyed(credentials.secret_key, day)
+        inner = inner_start.copy()
+        inner.update(string_to_sign.encode())
+        outer = outer_start.copy()
+        outer.update(inner.digest())
+        signature = outer.hexdigest()
         headers = [("X-Amz-Date", amz_date)]
         if token:
             headers.append(("X-Amz-Security-Token", token))

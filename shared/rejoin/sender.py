@@ -126,8 +126,10 @@ class ApiGatewaySender:
             (or a custom domain with its base path).
         region: the region to sign for; by default read from an
             ``execute-api`` host name, else ``AWS_REGION``.
-        timeout: seconds one request may take (connecting included) before
-            it fails with :class:`~rejoin.errors.SendError`.
+        timeout: seconds to wait for API Gateway's answer once a request is
+            sent; then it fails with :class:`~rejoin.errors.SendError` (up to
+            a fifth of ``timeout`` later, at most 0.5 s: one timer checks every
+            request in flight).
         connect_timeout: seconds to open a connection.
         max_connections: requests in flight at once per event loop (the
             default matches :func:`broadcast`'s ``max_parallel``).
@@ -147,6 +149,8 @@ class ApiGatewaySender:
         max_connections: int = 100,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        # Imported here, not with this module: handlers that never post skip them.
+        from ._http1 import HttpError
         from ._sigv4 import CredentialSource, canonical_path
 
         parts = urlsplit(endpoint_url)
@@ -171,6 +175,7 @@ class ApiGatewaySender:
         self._connect_timeout = connect_timeout
         self._max_connections = max_connections
         self._clock = clock
+        self._http_error = HttpError
         self._credentials = CredentialSource(clock=clock)
         self._canonical_prefix = canonical_path(f"{self._base_path}/@connections/")
         self._signer: Signer | None = None
@@ -209,8 +214,6 @@ class ApiGatewaySender:
             pool.close()
 
     async def _call(self, operation: str, method: str, connection_id: str, body: bytes) -> None:
-        from ._http1 import HttpError
-
         if not connection_id:
             raise SendError(f"{operation}: the connection id is empty")
         segment, canonical_segment = _id_segment(connection_id)
@@ -235,7 +238,7 @@ class ApiGatewaySender:
         request = ("\r\n".join(lines) + "\r\n\r\n").encode("ascii") + body
         try:
             response = await self._pool().request(method, request)
-        except HttpError as exc:
+        except self._http_error as exc:
             raise SendError(f"{operation} for {connection_id} failed: {exc}") from exc
         if 200 <= response.status < 300:
             return
