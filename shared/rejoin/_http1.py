@@ -2,8 +2,8 @@
 
 Why not httpx: with 100 requests in flight, httpcore's pool re-examines every
 connection for every request (and polls each idle socket while doing so), so
-a broadcast to 100 connections cost ~1.5-5 ms of CPU per post here, more than
-boto3. This client keeps a LIFO list of idle connections and does nothing per
+a broadcast to 100 connections cost ~5 ms of CPU per post here, more than
+boto3 (bench/README.md). This client keeps a LIFO list of idle connections and does nothing per
 request beyond writing it and parsing the answer (~0.1 ms of CPU). It serves
 the requests rejoin makes to API Gateway's management API: small bodies,
 ``Content-Length`` or chunked answers, no redirects, no proxies.
@@ -20,6 +20,8 @@ import select
 import ssl
 import threading
 
+from .errors import SendError
+
 __all__ = ["HttpError", "Pool", "Response"]
 
 MAX_HEAD = 64 * 1024
@@ -33,7 +35,7 @@ _ssl_context: ssl.SSLContext | None = None
 _ssl_lock = threading.Lock()
 
 
-class HttpError(Exception):
+class HttpError(SendError):
     """The request failed below HTTP: connect, reset, timeout, malformed answer.
 
     Attributes:
@@ -175,13 +177,14 @@ class _Connection(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         if sock is None:  # pragma: no cover - every socket transport has one
             return False
-        try:
-            readable, _, _ = select.select([sock], [], [], 0)
-        except (OSError, ValueError):
-            return True
         # An idle HTTP/1.1 connection has nothing to read: a FIN, a TLS alert
         # or stray bytes all mean it must not carry another request.
-        return bool(readable)
+        try:
+            poller = select.poll()  # not select.select: no limit on fd numbers
+            poller.register(sock.fileno(), select.POLLIN)
+            return bool(poller.poll(0))
+        except (OSError, ValueError):
+            return True
 
     def fail(self, error: HttpError) -> None:
         """End the exchange in progress with ``error`` and drop the connection."""
@@ -344,7 +347,6 @@ class Pool:
         self._idle: collections.deque[_Connection] = collections.deque()
         self._slots = asyncio.Semaphore(max_connections)
         self._closed = False
-        self.connections_opened = 0
         # One timer for every request in flight (a timer each costs CPU per request).
         self._in_flight: dict[_Connection, float] = {}
         self._tick = max(0.02, min(0.5, request_timeout / 5))
@@ -380,7 +382,9 @@ class Pool:
 
     async def _exchange(self, method: str, request: bytes) -> Response:
         for attempt in range(2):
-            conn = self._take()
+            # The retry always opens a fresh connection: idle ones a middlebox
+            # dropped silently look alive until written to.
+            conn = self._take() if attempt == 0 else None
             reused = conn is not None
             if conn is None:
                 conn = await self._connect()
@@ -447,13 +451,7 @@ class Pool:
         except OSError as exc:
             detail = exc.strerror or type(exc).__name__
             raise HttpError(f"could not connect to {where}: {detail}") from exc
-        self.connections_opened += 1
         return conn
-
-    @property
-    def idle_connections(self) -> int:
-        """How many connections wait for a request."""
-        return len(self._idle)
 
     def close(self) -> None:
         """Close the idle connections; ones in use close when their request ends."""

@@ -103,6 +103,7 @@ _THROTTLED_CODES = frozenset(
 _REGION_IN_HOST = re.compile(r"\.execute-api\.([a-z0-9-]+)\.amazonaws\.com(?:\.cn)?$")
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _MESSAGE_CHARS = 200
+_EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 
 
 class ApiGatewaySender:
@@ -110,12 +111,13 @@ class ApiGatewaySender:
 
     Each request is signed here with SigV4 (service ``execute-api``) using the
     credentials Lambda gives the function (``AWS_ACCESS_KEY_ID``,
-    ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, read on every request;
-    without them botocore's credential chain, e.g. SnapStart's container
-    credentials, refreshed before they expire), and sent over keep-alive
-    HTTP/1.1 connections: ``POST``, ``GET`` and ``DELETE``
-    ``{endpoint}/@connections/{id}``. Posting costs ~0.1 ms of CPU, so a
-    broadcast to many connections takes about as long as one post.
+    ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, read again at most once
+    a second; without them botocore's credential chain, e.g. SnapStart's
+    container credentials, refreshed before they expire), and sent over
+    keep-alive HTTP/1.1 connections: ``POST``, ``GET`` and ``DELETE``
+    ``{endpoint}/@connections/{id}``, the id percent-encoded as boto3 does.
+    A post costs ~0.15 ms of CPU, so a broadcast to 100 connections takes
+    little longer than one post (``bench/README.md``).
 
     Build one per endpoint and keep it (e.g. at module scope): it keeps a
     pool of connections for each event loop that uses it (a pool belongs to
@@ -257,12 +259,13 @@ class ApiGatewaySender:
         return signer
 
     def _payload_sha256(self, body: bytes) -> str:
+        if not body:
+            return _EMPTY_SHA256
         last = self._last_payload
         if last is not None and last[0] is body:
             return last[1]
         digest = hashlib.sha256(body).hexdigest()
-        if body:
-            self._last_payload = (body, digest)
+        self._last_payload = (body, digest)
         return digest
 
     def _pool(self) -> Pool:
