@@ -327,6 +327,33 @@ async def test_container_credentials_are_refreshed_before_they_expire(
     assert endpoint.calls == ["container-auth"] * 3
 
 
+async def test_no_credentials_anywhere_is_a_config_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # GIVEN no keys in the environment, no profile, no container or instance credentials
+    for name in (
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_PROFILE",
+        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+        "AWS_WEB_IDENTITY_TOKEN_FILE",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    for name in ("AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "BOTO_CONFIG"):
+        monkeypatch.setenv(name, str(tmp_path / "absent"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_REGION", "eu-west-3")
+    with ConnectionsApi(region="eu-west-3", credentials=(LAMBDA,)) as api:
+        api.open("c1")
+        sender = ApiGatewaySender(api.url)
+        # WHEN posting / THEN ConfigError saying where credentials come from, and no request
+        with pytest.raises(ConfigError, match="AWS_ACCESS_KEY_ID"):
+            await sender.post("c1", b"{}")
+        assert api.received() == []
+
+
 def test_no_region_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
     # GIVEN a custom domain (no region in the host) and no AWS_REGION
     for name in ("AWS_REGION", "AWS_DEFAULT_REGION"):
