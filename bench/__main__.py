@@ -1,9 +1,11 @@
-"""``python -m bench [--quick] [--only store|rooms|meeting] [--json PATH]`` from the repo root.
+"""``python -m bench [--quick] [--only store|rooms|meeting|broadcast] [--json PATH]``.
 
 Starts a private ``redis-server`` (never the shared one) and the local
 Upstash-compatible endpoint in front of it, runs the benchmarks, prints their
 tables (Markdown) and each goal as PASS/FAIL. Goals are reported, not
-enforced: the exit status is non-zero only when a benchmark crashes.
+enforced: the exit status is non-zero only when a benchmark crashes. The
+broadcast benchmark needs neither (it starts its own stand-in of API
+Gateway's ``@connections``).
 """
 
 from __future__ import annotations
@@ -64,7 +66,9 @@ class _DropEmf(io.TextIOBase):
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a reduced run (a few seconds)")
-    parser.add_argument("--only", choices=["store", "rooms", "meeting"], help="run one benchmark")
+    parser.add_argument(
+        "--only", choices=["store", "rooms", "meeting", "broadcast"], help="run one benchmark"
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the raw figures as JSON")
     return parser
 
@@ -87,26 +91,36 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout = stdout
 
 
+def _crashed(name: str) -> bool:
+    print(f"\n!! the {name} benchmark crashed (traceback on stderr)")
+    sys.stdout.flush()
+    traceback.print_exc()
+    return True
+
+
 def _main(args: argparse.Namespace) -> int:
-    from bench import meeting, rooms, store
+    from bench import broadcast, meeting, rooms, store
 
     started = time.monotonic()
     print(f"# rejoin benchmarks{' (quick)' if args.quick else ''}")
     print(f"\n{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC; {_machine()}")
     reports: list[Report] = []
     crashed = False
-    with private_redis() as redis_url, upstash_endpoint(redis_url) as endpoint:
-        print(f"private redis-server at {redis_url}; Upstash-compatible endpoint {endpoint.url}")
-        for name, module in (("store", store), ("rooms", rooms), ("meeting", meeting)):
-            if args.only and args.only != name:
-                continue
-            try:
-                reports.append(module.run(endpoint, quick=args.quick))
-            except Exception:
-                crashed = True
-                print(f"\n!! the {name} benchmark crashed (traceback on stderr)")
-                sys.stdout.flush()
-                traceback.print_exc()
+    if args.only in (None, "store", "rooms", "meeting"):
+        with private_redis() as redis_url, upstash_endpoint(redis_url) as endpoint:
+            print(f"private redis-server at {redis_url}; Upstash endpoint {endpoint.url}")
+            for name, module in (("store", store), ("rooms", rooms), ("meeting", meeting)):
+                if args.only and args.only != name:
+                    continue
+                try:
+                    reports.append(module.run(endpoint, quick=args.quick))
+                except Exception:
+                    crashed = _crashed(name)
+    if args.only in (None, "broadcast"):
+        try:
+            reports.append(broadcast.run(quick=args.quick))
+        except Exception:
+            crashed = _crashed("broadcast")
 
     print("\n## Goals\n")
     for report in reports:

@@ -3,20 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import calendar
+import datetime
+import http.server
 import json
 import os
+import ssl
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import boto3
 import pytest
-from botocore.stub import Stubber
-from moto import mock_aws
 
+import rejoin._http1
+from bench._connections import ConnectionsApi, StandInCredentials, botocore_authorization
+from rejoin._sigv4 import EMPTY_SHA256, Credentials, Signer
 from rejoin.errors import (
     ConfigError,
     ConnectionGone,
@@ -35,9 +41,7 @@ from rejoin.sender import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-ENDPOINT = "https://abc123.execute-api.us-east-1.amazonaws.com/prod"
 KB = 1024
-MOTO_ACCOUNT = "123456789012"  # moto's default account id
 
 
 class FakeSleep:
@@ -68,66 +72,395 @@ def _reassemble(frames: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-# --- API Gateway ------------------------------------------------------------------
+# --- API Gateway, against a stand-in of @connections over real HTTP --------------------
+#
+# bench/_connections.py answers as API Gateway does (statuses, x-amzn-ErrorType,
+# {"message": ...} bodies) and, given credentials, recomputes every request's
+# SigV4 signature with botocore's own signer, refusing a wrong one with 403.
+
+SECRET = "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY"
+TOKEN = "IQoJb3JpZ2luX2VjE//session+token/with=chars=="
+LAMBDA = StandInCredentials("ASIAEXAMPLELAMBDA000", SECRET, TOKEN)
+
+
+def _set_credentials(monkeypatch: pytest.MonkeyPatch, creds: StandInCredentials) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", creds.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", creds.secret_key)
+    if creds.token:
+        monkeypatch.setenv("AWS_SESSION_TOKEN", creds.token)
+    else:
+        monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
 
 
 @pytest.fixture
-def stubbed() -> Iterator[tuple[ApiGatewaySender, Stubber]]:
-    client = boto3.client(
-        "apigatewaymanagementapi",
-        region_name="us-east-1",
-        endpoint_url=ENDPOINT,
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
-    with Stubber(client) as stubber:
-        yield ApiGatewaySender(ENDPOINT, client=client), stubber
-        stubber.assert_no_pending_responses()
+def lambda_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The environment Lambda gives a function: its role's credentials and its region."""
+    for name in ("AWS_PROFILE", "AWS_DEFAULT_REGION", "AWS_CONTAINER_CREDENTIALS_FULL_URI"):
+        monkeypatch.delenv(name, raising=False)
+    _set_credentials(monkeypatch, LAMBDA)
+    monkeypatch.setenv("AWS_REGION", "eu-west-3")
 
 
-async def test_post_200(stubbed: tuple[ApiGatewaySender, Stubber]) -> None:
-    # GIVEN API Gateway answering 200 for exactly this connection and data
-    sender, stubber = stubbed
-    stubber.add_response("post_to_connection", {}, {"ConnectionId": "c1", "Data": b'{"a":1}'})
-    # WHEN posting / THEN no error (and the stub saw the expected parameters)
-    await sender.post("c1", b'{"a":1}')
+@pytest.fixture
+def api(lambda_env: None) -> Iterator[ConnectionsApi]:
+    with ConnectionsApi(region="eu-west-3", credentials=(LAMBDA,)) as api:
+        yield api
 
 
-@pytest.mark.parametrize(
-    ("code", "status", "error"),
-    [
-        ("GoneException", 410, ConnectionGone),
-        ("LimitExceededException", 429, SenderThrottled),
-        ("TooManyRequestsException", 429, SenderThrottled),
-        ("PayloadTooLargeException", 413, PayloadTooLarge),
-        ("ForbiddenException", 403, SendError),
-        ("InternalServerError", 500, SendError),
-    ],
-)
-async def test_post_errors_are_mapped(
-    stubbed: tuple[ApiGatewaySender, Stubber], code: str, status: int, error: type[Exception]
+@pytest.fixture
+async def sender(api: ConnectionsApi) -> AsyncIterator[ApiGatewaySender]:
+    sender = ApiGatewaySender(api.url, timeout=5.0)
+    yield sender
+    await sender.aclose()
+
+
+async def test_post_is_signed_as_botocore_signs_it(
+    api: ConnectionsApi, sender: ApiGatewaySender
 ) -> None:
-    # GIVEN API Gateway answering with an error
-    sender, stubber = stubbed
-    stubber.add_client_error("post_to_connection", code, http_status_code=status)
+    # GIVEN Lambda's credentials (with a session token) and region in the environment
+    api.open("c1")
+    # WHEN a frame is posted
+    await sender.post("c1", b'{"type":"pong","ts":1}')
+    # THEN the stand-in accepted botocore's signature for it, and delivered it
+    assert api.delivered("c1") == [b'{"type":"pong","ts":1}']
+    [request] = api.received()
+    assert request.signature == "ok"
+    # and, recomputed here too: the Authorization is exactly botocore's, for the
+    # region from AWS_REGION and the execute-api service, with the session token
+    # sent and signed
+    expected = botocore_authorization(
+        "POST", request.path, request.headers, request.body, LAMBDA, "eu-west-3"
+    )
+    assert request.headers["authorization"] == expected
+    assert request.headers["x-amz-security-token"] == TOKEN
+    assert "/eu-west-3/execute-api/aws4_request" in expected
+    assert "SignedHeaders=host;x-amz-date;x-amz-security-token," in expected
+    assert request.method == "POST" and request.path == "/prod/@connections/c1"
+
+
+async def test_signature_without_a_session_token(
+    monkeypatch: pytest.MonkeyPatch, api: ConnectionsApi
+) -> None:
+    # GIVEN long-term keys (no session token), as on a developer's machine
+    keys = StandInCredentials("AKIDEXAMPLE", SECRET)
+    _set_credentials(monkeypatch, keys)
+    api.accept(keys)
+    api.open("c1")
+    sender = ApiGatewaySender(api.url)
+    # WHEN posting / THEN botocore's signature matches and no token header is sent
+    await sender.post("c1", b"{}")
+    [request] = api.received()
+    assert request.signature == "ok"
+    assert "x-amz-security-token" not in request.headers
+    await sender.aclose()
+
+
+async def test_a_wrong_secret_is_refused_with_a_clear_error_that_hides_credentials(
+    monkeypatch: pytest.MonkeyPatch, api: ConnectionsApi
+) -> None:
+    # GIVEN the right access key and token but a wrong secret (the stand-in is no rubber stamp)
+    _set_credentials(monkeypatch, StandInCredentials(LAMBDA.access_key, "not-the-secret", TOKEN))
+    api.open("c1")
+    sender = ApiGatewaySender(api.url)
     # WHEN posting
     with pytest.raises(SendError) as info:
         await sender.post("c1", b"{}")
-    # THEN exactly the mapped rejoin error, with the code named for unmapped ones
+    # THEN a plain SendError (403 is not "gone"), naming the operation, the
+    # error and what to check, and never a secret, even though API Gateway's
+    # message quotes the canonical request with the token in it
+    message = str(info.value)
+    assert type(info.value) is SendError
+    assert "PostToConnection for c1 was refused: InvalidSignatureException (HTTP 403)" in message
+    assert "execute-api:ManageConnections" in message
+    for secret in (TOKEN, "not-the-secret", SECRET):
+        assert secret not in message
+    assert api.delivered("c1") == []
+    await sender.aclose()
+
+
+def test_signer_matches_the_published_sigv4_test_vectors() -> None:
+    # GIVEN AWS's published examples: the signing key for 20120215/us-east-1/iam,
+    # and the "get-vanilla" request of the SigV4 test suite
+    signer = Signer("us-east-1", "iam")
+    key = signer.signing_key(SECRET, "20120215")
+    assert key.hex() == "f4780e2d9f65fa895f9c67b32ce1baf0b0d8a43505a000a1a9e090d414db404d"
+    vanilla = Signer("us-east-1", "service")
+    when = calendar.timegm((2015, 8, 30, 12, 36, 0))
+    # WHEN signed
+    headers = dict(
+        vanilla.sign(
+            "GET",
+            "example.amazonaws.com",
+            "/",
+            EMPTY_SHA256,
+            Credentials("AKIDEXAMPLE", SECRET),
+            when,
+        )
+    )
+    # THEN the signature is the published one
+    assert headers["X-Amz-Date"] == "20150830T123600Z"
+    assert headers["Authorization"] == (
+        "AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/20150830/us-east-1/service/aws4_request, "
+        "SignedHeaders=host;x-amz-date, "
+        "Signature=5fa00fa31553b73ebf1942676e86291e8372ff2a2260956d9b8aae1d763fbf31"
+    )
+
+
+async def test_signing_key_follows_the_day(api: ConnectionsApi) -> None:
+    # GIVEN a sender whose clock is one second before midnight UTC
+    now = [calendar.timegm((2026, 3, 1, 23, 59, 59))]
+    sender = ApiGatewaySender(api.url, clock=lambda: now[0])
+    api.open("c1")
+    # WHEN it posts, then posts again after midnight
+    await sender.post("c1", b"1")
+    now[0] += 2
+    await sender.post("c1", b"2")
+    # THEN both verify, each with its own day in the credential scope
+    first, second = api.received()
+    assert (first.signature, second.signature) == ("ok", "ok")
+    assert "/20260301/eu-west-3/" in first.headers["authorization"]
+    assert "/20260302/eu-west-3/" in second.headers["authorization"]
+    await sender.aclose()
+
+
+async def test_credentials_rotated_in_the_environment_are_picked_up(
+    monkeypatch: pytest.MonkeyPatch, api: ConnectionsApi
+) -> None:
+    # GIVEN a sender that has posted with the first credentials
+    clock = [1000.0]
+    sender = ApiGatewaySender(api.url, clock=lambda: clock[0])
+    api.open("c1")
+    await sender.post("c1", b"1")
+    # WHEN the environment's credentials change and the stand-in accepts only the new ones
+    rotated = StandInCredentials("ASIAROTATED000000000", "rotated/secret", "rotated-token")
+    _set_credentials(monkeypatch, rotated)
+    api.accept(rotated)
+    # THEN within the same second the sender still signs with what it read (one read
+    # of the environment per second) and is refused...
+    with pytest.raises(SendError, match="UnrecognizedClientException"):
+        await sender.post("c1", b"2")
+    # ...and a second later it reads the new ones and is accepted
+    clock[0] += 1.0
+    await sender.post("c1", b"3")
+    assert api.delivered("c1") == [b"1", b"3"]
+    assert (
+        api.received()[-1]
+        .headers["authorization"]
+        .startswith("AWS4-HMAC-SHA256 Credential=ASIAROTATED000000000/")
+    )
+    await sender.aclose()
+
+
+class _ContainerCredentials:
+    """Lambda's container credentials endpoint (what SnapStart functions get)."""
+
+    def __init__(self, sets: list[tuple[StandInCredentials, datetime.datetime]]) -> None:
+        self.sets = sets
+        self.calls: list[str | None] = []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                outer.calls.append(self.headers.get("Authorization"))
+                creds, expires = outer.sets[min(len(outer.calls), len(outer.sets)) - 1]
+                body = json.dumps(
+                    {
+                        "AccessKeyId": creds.access_key,
+                        "SecretAccessKey": creds.secret_key,
+                        "Token": creds.token,
+                        "Expiration": expires.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                    }
+                ).encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/credentials"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+async def test_container_credentials_are_refreshed_before_they_expire(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # GIVEN no keys in the environment but a container credentials endpoint (as on
+    # SnapStart) whose first two sets expire in 5 minutes (inside botocore's
+    # refresh window) and whose third lasts an hour
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    for name in ("AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "BOTO_CONFIG"):
+        monkeypatch.setenv(name, str(tmp_path / "absent"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_REGION", "eu-west-3")
+    now = datetime.datetime.now(datetime.UTC)
+    soon, later = now + datetime.timedelta(minutes=5), now + datetime.timedelta(hours=1)
+    sets = [
+        StandInCredentials(f"ASIACONTAINER000000{n}", f"secret/{n}", f"token-{n}") for n in range(3)
+    ]
+    endpoint = _ContainerCredentials([(sets[0], soon), (sets[1], soon), (sets[2], later)])
+    monkeypatch.setenv("AWS_CONTAINER_CREDENTIALS_FULL_URI", endpoint.url)
+    monkeypatch.setenv("AWS_CONTAINER_AUTHORIZATION_TOKEN", "container-auth")
+    try:
+        with ConnectionsApi(region="eu-west-3", credentials=tuple(sets)) as api:
+            api.open("c1")
+            sender = ApiGatewaySender(api.url)
+            # WHEN three frames are posted
+            for n in range(3):
+                await sender.post("c1", str(n).encode())
+            await sender.aclose()
+            received = api.received()
+    finally:
+        endpoint.close()
+    # THEN every post verified, and each asked for fresh credentials while the ones
+    # it had were about to expire: the first set was never used, the last one kept
+    assert [r.signature for r in received] == ["ok", "ok", "ok"]
+    keys = [r.headers["authorization"].split("Credential=")[1].split("/")[0] for r in received]
+    assert keys == [sets[1].access_key, sets[2].access_key, sets[2].access_key]
+    assert endpoint.calls == ["container-auth"] * 3
+
+
+async def test_no_credentials_anywhere_is_a_config_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # GIVEN no keys in the environment, no profile, no container or instance credentials
+    for name in (
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_PROFILE",
+        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+        "AWS_WEB_IDENTITY_TOKEN_FILE",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    for name in ("AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "BOTO_CONFIG"):
+        monkeypatch.setenv(name, str(tmp_path / "absent"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_REGION", "eu-west-3")
+    with ConnectionsApi(region="eu-west-3", credentials=(LAMBDA,)) as api:
+        api.open("c1")
+        sender = ApiGatewaySender(api.url)
+        # WHEN posting / THEN ConfigError saying where credentials come from, and no request
+        with pytest.raises(ConfigError, match="AWS_ACCESS_KEY_ID"):
+            await sender.post("c1", b"{}")
+        assert api.received() == []
+
+
+def test_no_region_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    # GIVEN a custom domain (no region in the host) and no AWS_REGION
+    for name in ("AWS_REGION", "AWS_DEFAULT_REGION"):
+        monkeypatch.delenv(name, raising=False)
+    _set_credentials(monkeypatch, LAMBDA)
+    sender = ApiGatewaySender("https://ws.example.com/live")
+    # WHEN posting / THEN ConfigError, saying what to set
+    with pytest.raises(ConfigError, match="AWS_REGION"):
+        asyncio.run(sender.post("c1", b"{}"))
+
+
+def test_region_is_read_from_an_execute_api_host() -> None:
+    # GIVEN an execute-api endpoint / WHEN a sender is built / THEN its region is the host's
+    sender = ApiGatewaySender("https://abc123.execute-api.ap-south-2.amazonaws.com/prod")
+    assert sender._get_signer().region == "ap-south-2"
+
+
+@pytest.mark.parametrize(
+    ("status", "error_type", "error"),
+    [
+        (410, "GoneException", ConnectionGone),
+        (429, "LimitExceededException", SenderThrottled),
+        (429, "TooManyRequestsException", SenderThrottled),
+        (413, "PayloadTooLargeException", PayloadTooLarge),
+        (403, "ForbiddenException", SendError),
+        (500, "InternalServerErrorException", SendError),
+    ],
+)
+async def test_error_answers_are_mapped(
+    api: ConnectionsApi,
+    sender: ApiGatewaySender,
+    status: int,
+    error_type: str,
+    error: type[Exception],
+) -> None:
+    # GIVEN API Gateway answering with an error (its status, x-amzn-ErrorType and message)
+    api.fail("c1", status, error_type, "something went wrong")
+    # WHEN posting
+    with pytest.raises(SendError) as info:
+        await sender.post("c1", b"{}")
+    # THEN exactly the mapped rejoin error; unmapped ones name the error and the status
     assert type(info.value) is error
     if error is SendError:
-        assert code in str(info.value)
+        assert f"{error_type} (HTTP {status}): something went wrong" in str(info.value)
 
 
-async def test_exists_and_close(stubbed: tuple[ApiGatewaySender, Stubber]) -> None:
-    # GIVEN one live connection and one gone, for GetConnection and DeleteConnection
-    sender, stubber = stubbed
-    stubber.add_response("get_connection", {}, {"ConnectionId": "live"})
-    stubber.add_client_error("get_connection", "GoneException", http_status_code=410)
-    stubber.add_client_error("get_connection", "LimitExceededException", http_status_code=429)
-    stubber.add_response("delete_connection", {}, {"ConnectionId": "live"})
-    stubber.add_client_error("delete_connection", "GoneException", http_status_code=410)
-    # WHEN checked and closed
+@pytest.mark.parametrize("body", [b'{"message":null}', b""], ids=["null-message", "empty-body"])
+async def test_broadcast_prunes_gone_connections(lambda_env: None, body: bytes) -> None:
+    # GIVEN 10 connections of which 3 have gone away; API Gateway answers those
+    # with 410 GoneException (and a body SDKs have seen: a null message, or none)
+    with ConnectionsApi(region="eu-west-3", credentials=(LAMBDA,), gone_body=body) as api:
+        ids = [f"c{i}" for i in range(10)]
+        api.open(*ids)
+        for cid in ("c2", "c5", "c9"):
+            api.close_socket(cid)
+        sender = ApiGatewaySender(api.url)
+        # WHEN one frame is broadcast to all
+        result = await broadcast(sender, ids, {"type": "x"})
+        await sender.aclose()
+        # THEN the 3 are reported gone (for the caller to prune), the rest got it once
+        assert result.gone == ["c2", "c5", "c9"]
+        assert result.delivered == [c for c in ids if c not in result.gone]
+        assert result.failed == {}
+        for cid in result.delivered:
+            assert api.delivered(cid) == [b'{"type":"x"}']
+        # and a gone connection was tried once (410 is not retried)
+        assert [r.connection_id for r in api.received()].count("c5") == 1
+
+
+async def test_broadcast_backs_off_on_429_then_delivers(
+    api: ConnectionsApi, sender: ApiGatewaySender
+) -> None:
+    # GIVEN a connection API Gateway throttles twice (429 LimitExceededException)
+    api.open("c1", "c2")
+    api.throttle("c1", 2)
+    sleep = FakeSleep()
+    # WHEN broadcasting (jitter pinned to its maximum, sleep faked)
+    result = await broadcast(
+        sender, ["c1", "c2"], {"type": "x"}, sleep=sleep, rand=lambda: 1.0, base_delay=0.05
+    )
+    # THEN both are delivered once; c1 after two backoffs that doubled, three requests
+    assert result == BroadcastResult(delivered=["c1", "c2"], gone=[], failed={})
+    assert sleep.delays == pytest.approx([0.05, 0.1])
+    assert api.delivered("c1") == [b'{"type":"x"}']
+    assert [r.connection_id for r in api.received()].count("c1") == 3
+
+
+async def test_throttled_past_the_retries_is_reported_failed(
+    api: ConnectionsApi, sender: ApiGatewaySender
+) -> None:
+    # GIVEN a connection throttled more times than the attempts allowed
+    api.open("busy", "ok")
+    api.throttle("busy", 10)
+    sleep = FakeSleep()
+    # WHEN broadcasting with 3 attempts
+    result = await broadcast(sender, ["busy", "ok"], {"type": "x"}, max_attempts=3, sleep=sleep)
+    # THEN it is reported failed after 3 requests; the other was delivered
+    assert result.delivered == ["ok"]
+    assert "throttled 3 times" in result.failed["busy"]
+    assert len(sleep.delays) == 2
+
+
+async def test_exists_and_close(api: ConnectionsApi, sender: ApiGatewaySender) -> None:
+    # GIVEN one live connection, one gone, one throttled
+    api.open("live", "busy")
+    api.throttle("busy", 1)
+    # WHEN checked (GetConnection) and closed (DeleteConnection)
     # THEN exists() is True then False, throttling is not "gone", and closing
     # a gone connection is not an error
     assert await sender.exists("live") is True
@@ -135,57 +468,217 @@ async def test_exists_and_close(stubbed: tuple[ApiGatewaySender, Stubber]) -> No
     with pytest.raises(SenderThrottled):
         await sender.exists("busy")
     await sender.close("live")
-    await sender.close("dead")
+    assert await sender.exists("live") is False
+    await sender.close("live")
+    methods = [(r.method, r.connection_id, r.signature) for r in api.received()]
+    assert methods[:4] == [
+        ("GET", "live", "ok"),
+        ("GET", "dead", "ok"),
+        ("GET", "busy", "ok"),
+        ("DELETE", "live", "ok"),
+    ]
 
 
-async def test_posts_run_in_parallel_threads() -> None:
-    # GIVEN a client whose calls block for 0.2 s each
-    class SlowClient:
-        def __init__(self) -> None:
-            self.threads: set[int] = set()
+async def test_a_frame_over_the_gateway_limit_is_payload_too_large(
+    api: ConnectionsApi, sender: ApiGatewaySender
+) -> None:
+    # GIVEN an open connection / WHEN a body over API Gateway's 128 KB is posted
+    api.open("c1")
+    with pytest.raises(PayloadTooLarge):
+        await sender.post("c1", b"x" * (128 * KB + 1))
+    # THEN nothing was delivered
+    assert api.delivered("c1") == []
 
-        def post_to_connection(self, **kwargs: Any) -> None:
-            self.threads.add(threading.get_ident())
-            threading.Event().wait(0.2)
 
-    client = SlowClient()
-    sender = ApiGatewaySender(ENDPOINT, client=client)
+async def test_a_hang_fails_clearly_within_the_timeout(api: ConnectionsApi) -> None:
+    # GIVEN a connection whose requests API Gateway never answers, and a 0.3 s timeout
+    api.open("stuck", "ok")
+    api.hang("stuck")
+    sender = ApiGatewaySender(api.url, timeout=0.3)
     loop = asyncio.get_running_loop()
-    # WHEN 8 posts are made at once
     started = loop.time()
-    await asyncio.gather(*(sender.post(f"c{i}", b"{}") for i in range(8)))
-    elapsed = loop.time() - started
-    # THEN they overlap (far less than 8 x 0.2 s) on several threads, off the loop
-    assert elapsed < 1.0
-    assert len(client.threads) > 1
-    assert threading.get_ident() not in client.threads
+    # WHEN posting to it / THEN a SendError that says so, after the timeout
+    with pytest.raises(
+        SendError, match=r"PostToConnection for stuck failed: no answer within 0.3 s"
+    ):
+        await sender.post("stuck", b"{}")
+    assert loop.time() - started < 3
+    # and in a broadcast the hung connection fails alone
+    result = await broadcast(sender, ["stuck", "ok"], {"type": "x"})
+    assert result.delivered == ["ok"]
+    assert "no answer within 0.3 s" in result.failed["stuck"]
+    await sender.aclose()
 
 
-async def test_lazily_built_client_posts_through_boto3(monkeypatch: pytest.MonkeyPatch) -> None:
-    # GIVEN dummy credentials, no region in the environment, and moto standing in for AWS
-    for name in ("AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    with mock_aws():
-        from moto.apigatewaymanagementapi.models import apigatewaymanagementapi_backends
+@pytest.mark.parametrize(
+    "connection_id",
+    ["L0SM9cOFvHcCIhw=", "a+b/c=", "x y%z", "ünï-cødé", "~tilde_.-", ".."],
+)
+async def test_connection_ids_are_quoted_as_boto3_quotes_them(
+    api: ConnectionsApi, sender: ApiGatewaySender, connection_id: str
+) -> None:
+    # GIVEN a connection id with URL-special characters
+    api.open(connection_id)
+    # WHEN rejoin posts to it, and boto3's own client posts to it too
+    await sender.post(connection_id, b"rejoin")
+    client = boto3.client("apigatewaymanagementapi", endpoint_url=api.url, region_name="eu-west-3")
+    client.post_to_connection(ConnectionId=connection_id, Data=b"boto3")
+    ours, boto3s = api.received()
+    # THEN both requests went to the same path, the id percent-encoded in one segment,
+    # and both signatures verify
+    assert ours.path == boto3s.path == "/prod/@connections/" + quote(connection_id, safe="")
+    assert (ours.signature, boto3s.signature) == ("ok", "ok")
+    assert api.delivered(connection_id) == [b"rejoin", b"boto3"]
 
-        sender = ApiGatewaySender(ENDPOINT)
-        # WHEN a frame is posted (the client is built on this first use)
-        await sender.post("c1", b'{"type":"pong","ts":1}')
-        # THEN it reached the connection, in the region read from the host name
-        backend = apigatewaymanagementapi_backends[MOTO_ACCOUNT]["us-east-1"]
-        assert backend.connections["c1"].data == b'{"type":"pong","ts":1}'
-        # and botocore makes a single attempt, so 429s reach rejoin's backoff
-        client = sender._get_client()
-        assert client.meta.config.retries["total_max_attempts"] == 1
-        assert client.meta.region_name == "us-east-1"
+
+async def test_connections_are_kept_alive_and_dropped_ones_are_replaced(
+    api: ConnectionsApi, sender: ApiGatewaySender
+) -> None:
+    # GIVEN ten posts one after the other
+    api.open("c1", "c2", "c3")
+    for n in range(10):
+        await sender.post("c1", str(n).encode())
+    # THEN they all went over one connection
+    assert api.stats()["connections"] == 1
+    # and three at once use three
+    await asyncio.gather(*(sender.post(c, b"x") for c in ("c1", "c2", "c3")))
+    assert api.stats()["connections"] == 3
+    # WHEN the server closes all three idle connections (its idle timeout) and,
+    # before this loop has seen the closes, another frame is posted
+    assert api.drop_idle() == 3
+    await sender.post("c1", b"after")
+    # THEN the frame is delivered once, over a new connection (the retry does not
+    # take another of the stale ones)
+    assert api.delivered("c1")[-2:] == [b"x", b"after"]
+    assert api.stats()["connections"] == 4
+
+
+async def test_posts_are_concurrent(lambda_env: None) -> None:
+    # GIVEN API Gateway answering after 100 ms
+    with ConnectionsApi(latency=0.1, region="eu-west-3", credentials=(LAMBDA,)) as api:
+        ids = [f"c{i}" for i in range(30)]
+        api.open(*ids)
+        sender = ApiGatewaySender(api.url)
+        # WHEN 30 frames are broadcast
+        result = await broadcast(sender, ids, {"type": "x"})
+        await sender.aclose()
+        # THEN all were delivered, all 30 requests in flight at once, each signed right
+        assert len(result.delivered) == 30
+        assert api.stats()["peak_in_flight"] == 30
+        assert api.stats()["verified"] == 30
+
+
+def test_one_sender_serves_several_event_loops(api: ConnectionsApi) -> None:
+    # GIVEN one sender shared by 4 threads, each running its own event loops in turn
+    sender = ApiGatewaySender(api.url)
+    ids = [f"t{t}" for t in range(4)]
+    api.open(*ids)
+    errors: list[BaseException] = []
+
+    def run(cid: str) -> None:
+        try:
+            for round_ in range(3):  # a new loop each round, as a test or Mangum makes
+
+                async def main(round_: int = round_) -> None:
+                    for n in range(5):
+                        await sender.post(cid, f"{round_}.{n}".encode())
+                    await sender.aclose()  # this loop's connections; the others' stay
+
+                asyncio.run(main())
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(cid,)) for cid in ids]
+    # WHEN they all post at once
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    # THEN every frame arrived, in order, and no connection crossed loops
+    assert errors == []
+    for cid in ids:
+        assert api.delivered(cid) == [f"{r}.{n}".encode() for r in range(3) for n in range(5)]
+
+
+def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key (PEM files)."""
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "stand-in")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+async def test_https_is_verified_and_kept_alive(
+    lambda_env: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # GIVEN the stand-in behind TLS with a certificate for 127.0.0.1
+    cert, key = _self_signed(tmp_path)
+    server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_tls.load_cert_chain(cert, key)
+    api = ConnectionsApi(region="eu-west-3", credentials=(LAMBDA,))
+    url = api.start(ssl_context=server_tls)
+    try:
+        api.open("c1")
+        # WHEN the sender's trust store does not hold that certificate
+        # THEN it refuses to connect, naming the failure
+        sender = ApiGatewaySender(url)
+        with pytest.raises(SendError, match=r"could not connect to 127\.0\.0\.1"):
+            await sender.post("c1", b"untrusted")
+        await sender.aclose()
+        # and WHEN it trusts it, three posts go over one verified TLS connection, signed right
+        monkeypatch.setattr(rejoin._http1, "_ssl_context", ssl.create_default_context(cafile=cert))
+        sender = ApiGatewaySender(url)
+        for n in range(3):
+            await sender.post("c1", str(n).encode())
+        await sender.aclose()
+        assert api.delivered("c1") == [b"0", b"1", b"2"]
+        assert [r.signature for r in api.received()] == ["ok", "ok", "ok"]
+        assert api.stats()["connections"] == 1  # (the refused handshake never reached HTTP)
+    finally:
+        api.stop()
 
 
 def test_endpoint_must_be_http() -> None:
     # GIVEN a wss:// URL (the client's, not the management API's) / THEN ConfigError
     with pytest.raises(ConfigError):
         ApiGatewaySender("wss://abc123.execute-api.us-east-1.amazonaws.com/prod")
+
+
+async def test_an_empty_connection_id_is_a_send_error(sender: ApiGatewaySender) -> None:
+    # GIVEN an empty id / WHEN posting / THEN a SendError before any request
+    with pytest.raises(SendError, match="empty"):
+        await sender.post("", b"{}")
 
 
 def test_importing_the_modules_does_not_import_boto3_or_agents() -> None:
@@ -200,6 +693,27 @@ def test_importing_the_modules_does_not_import_boto3_or_agents() -> None:
     )
     # THEN neither boto3 nor the Agents SDK was loaded
     assert done.stdout.strip() == "[]"
+
+
+def test_posting_with_lambda_credentials_needs_no_boto3(api: ConnectionsApi) -> None:
+    # GIVEN a fresh interpreter with Lambda's environment
+    api.open("c1")
+    code = (
+        "import asyncio, sys\n"
+        "from rejoin.sender import ApiGatewaySender\n"
+        f"asyncio.run(ApiGatewaySender({api.url!r}).post('c1', b'fresh'))\n"
+        "print(sorted(m for m in ('boto3', 'botocore') if m in sys.modules))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "shared")}
+    # WHEN it posts a frame
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
+    )
+    # THEN the frame arrived, signed right, and neither boto3 nor botocore was imported
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+    assert api.delivered("c1") == [b"fresh"]
+    assert api.received()[0].signature == "ok"
 
 
 # --- the in-memory sender -----------------------------------------------------------

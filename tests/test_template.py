@@ -124,7 +124,7 @@ SQS_SENDERS = {"MessageFunction", "ApiFunction"}
 CONNECTION_METHODS = {
     "AuthorizeFunction": set(),
     "ConnectFunction": {"POST"},
-    "MessageFunction": {"POST"},
+    "MessageFunction": {"POST", "DELETE"},
     "DisconnectFunction": {"POST"},
     "TurnFunction": {"POST"},
     "CleanupFunction": {"POST", "GET", "DELETE"},
