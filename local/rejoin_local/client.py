@@ -171,6 +171,7 @@ class ChatClient:
     _ended: bool = False
     _drop_for: float | None = None
     _changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+    _background: set[asyncio.Task[None]] = field(default_factory=set)
 
     # ---------------------------------------------------------------- output
 
@@ -255,6 +256,9 @@ class ChatClient:
             for early in sorted(self._early, key=lambda e: e.get("seq") or 0):
                 await self._handle(early)
             self._early.clear()
+        elif kind == "replay":  # the rest of a backlog too large for one welcome
+            for e in sorted(f.get("events") or [], key=lambda e: e.get("seq") or 0):
+                self._event(e)
         elif not self._welcomed.is_set() and (kind in LOGGED or kind == "agent_delta"):
             self._early.append(f)  # overtook the welcome: printed after it, in order
             return
@@ -288,6 +292,15 @@ class ChatClient:
             self._line(f"! {f.get('code')}: {f.get('message')}{where}{extra}")
             if f.get("code") == "not_joined":
                 await self._send({"action": "resume", **self._position()})
+            elif (
+                f.get("code") == "rate_limited" and not f.get("id") and not self._welcomed.is_set()
+            ):
+                # Our resume was over budget: ask again once the limit allows.
+                wait = f.get("retry_after")
+                delay = float(wait) if isinstance(wait, (int, float)) else 1.0
+                task = asyncio.create_task(self._resume_later(delay))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
         elif "message" in f and "connectionId" in f:
             self._line(f"! gateway: {f['message']}")
         else:
@@ -345,6 +358,11 @@ class ChatClient:
             if isinstance(e.get("reply_to"), int):
                 self.replies_to[e["reply_to"]] = text
         self._print_event(e)
+
+    async def _resume_later(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        if not self._welcomed.is_set():
+            await self._send({"action": "resume", **self._position()})
 
     def _position(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "last_seq": self.last_seq} if self.epoch else {}
