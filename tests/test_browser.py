@@ -399,9 +399,7 @@ def test_two_people_chat_drop_resume_and_session_end(stack: Any, pages: Pages) -
     # --- a phone-sized screen ---------------------------------------------------------
     phone = pages.open(
         "phone",
-        urls.join(
-            "phone-standup-" + secrets.token_hex(6), "Cy", key=stack.config.admin_key
-        ),
+        urls.join("phone-standup-" + secrets.token_hex(6), "Cy", key=stack.config.admin_key),
         viewport={"width": 390, "height": 844},
         device_scale_factor=2,
         is_mobile=True,
@@ -446,9 +444,7 @@ def test_two_people_chat_drop_resume_and_session_end(stack: Any, pages: Pages) -
 # ---------------------------------------------------------------------------
 
 
-def test_one_person_is_one_participant_across_tabs_and_reloads(
-    upstash: Any, pages: Pages
-) -> None:
+def test_one_person_is_one_participant_across_tabs_and_reloads(upstash: Any, pages: Pages) -> None:
     # GIVEN a stack whose agent has a name, and an invite link for a session
     with running_stack(upstash, REJOIN_AGENT_NAME="Juniper") as stack:
         session = "ids-" + secrets.token_hex(4)
