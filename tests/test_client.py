@@ -236,8 +236,16 @@ def test_no_server_is_told_apart(capsys: pytest.CaptureFixture[str]) -> None:
 def test_make_token_prints_the_token_alone() -> None:
     # WHEN a user captures `make token` in a shell variable
     script = 'TOKEN=$(make token ARGS="--session demo --user u1 --name Ada"); printf %s "$TOKEN"'
+    # (in a user's shell: not inside `make test`, whose sub-makes announce their directory)
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
     result = subprocess.run(
-        ["bash", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120, check=True
+        ["bash", "-c", script],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
     )
     # THEN the variable holds exactly one line: a token for that session and user
     assert "\n" not in result.stdout

@@ -127,12 +127,16 @@ class Runner:
     """Runs doc commands in this checkout with a clean environment.
 
     The environment drops ``OPENAI_*`` and ``REJOIN_*`` (a developer's own
-    settings must not change the outcome). Clients find the stack started by
+    settings must not change the outcome) and make's own variables (``make
+    test`` runs this; a user's shell is not inside a make). Clients find the stack started by
     ``make dev`` through ``REJOIN_WS_URL``, as a user's would find it on 8080.
     """
 
     def __init__(self) -> None:
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "REJOIN_"))}
+        # A user's shell: no settings of their own, and not inside `make test` (a sub-make
+        # prints "Entering directory" on stdout).
+        skipped = ("OPENAI_", "REJOIN_", "MAKEFLAGS", "MAKELEVEL", "MFLAGS")
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith(skipped)}
         self.stack: Served | None = None
         self.started: dict[str, Served] = {}
         self.to_serve: list[str] = []
