@@ -3,7 +3,7 @@
 .PHONY: help dev test lint bench token build deploy clean
 
 # The samconfig.toml environment `make deploy` uses: dev (stack rejoin-dev) or prod (rejoin-prod).
-ENV ?= dev
+SAM_ENV ?= dev
 
 help:  ## this list
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/'
@@ -27,8 +27,8 @@ token:  ## print a local participant token: make token ARGS="--session demo --us
 build:  ## sam build (the pinned SAM CLI): the layer and the functions, into .aws-sam/build
 	@bash scripts/sam.sh build
 
-deploy:  ## sam build + sam deploy --config-env $(ENV) (stack rejoin-$(ENV)); first time: ARGS=--guided
-	@bash scripts/sam.sh build && bash scripts/sam.sh deploy --config-env $(ENV) $(ARGS)
+deploy:  ## sam build + sam deploy --config-env $(SAM_ENV) (stack rejoin-$(SAM_ENV)); first time: ARGS=--guided
+	@bash scripts/sam.sh build && bash scripts/sam.sh deploy --config-env $(SAM_ENV) $(ARGS)
 
 clean:  ## remove the venvs, build output and caches
 	rm -rf .aws-sam .venv .venv-sam .pytest_cache .mypy_cache .ruff_cache test-artifacts

@@ -135,7 +135,8 @@ class Runner:
     def __init__(self) -> None:
         # A user's shell: no settings of their own, and not inside `make test` (a sub-make
         # prints "Entering directory" on stdout).
-        skipped = ("OPENAI_", "REJOIN_", "MAKEFLAGS", "MAKELEVEL", "MFLAGS")
+        # `make test ARGS=...` also exports ARGS to its recipes' environment.
+        skipped = ("OPENAI_", "REJOIN_", "MAKEFLAGS", "MAKELEVEL", "MFLAGS", "ARGS", "SAM_ENV")
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(skipped)}
         self.stack: Served | None = None
         self.started: dict[str, Served] = {}
@@ -349,7 +350,7 @@ RULES: list[Rule] = [
          "runs them small inside `make test`"),
     skip(r"make build", INTERNET + "; `make test` builds the same artefacts"),
     # AWS.
-    skip(r"make deploy(?: ENV=\w+)?(?: ARGS=.*)?", AWS),
+    skip(r"make deploy(?: SAM_ENV=\w+)?(?: ARGS=.*)?", AWS),
     skip(r"bash scripts/sam\.sh (?:list stack-outputs|delete) .*", AWS),
     skip(r"aws .*", AWS),
     skip(r'bash scripts/dev\.sh client --url "\$WS_URL" .*', AWS + ": the deployed stack's URL"),
@@ -513,8 +514,8 @@ def test_stack_names_and_environments_agree() -> None:
         assert cfg[env]["global"]["parameters"]["stack_name"] == names[env]
     # `make deploy` deploys dev unless ENV says otherwise.
     makefile = (ROOT / "Makefile").read_text()
-    assert re.search(r"^ENV \?= dev$", makefile, re.M)
-    assert "--config-env $(ENV)" in makefile
+    assert re.search(r"^SAM_ENV \?= dev$", makefile, re.M)
+    assert "--config-env $(SAM_ENV)" in makefile
     # Every stack name a doc uses is one of those.
     text = "\n".join(p.read_text() for p in doc_files())
     used = set(re.findall(r"(?:--stack-name|STACK=)\s*\"?([\w-]+)", text))
