@@ -6,7 +6,9 @@
 #   4. sam validate --lint and sam build (scripts/check-template.sh)
 #   5. pytest: the tests start their own redis-server on a free port (or the
 #      embedded store when there is no redis-server binary) and the local
-#      Upstash-compatible endpoint in front of it.
+#      Upstash-compatible endpoint in front of it; tests/test_docs.py runs the
+#      commands of README.md and docs/. Every skipped test is listed with its
+#      reason (-rs), so nothing is skipped silently.
 # Extra arguments go to pytest, e.g. `make test ARGS="-k rooms"`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,4 +27,4 @@ echo "== mypy"
 echo "== template"
 bash scripts/check-template.sh
 echo "== pytest"
-.venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+.venv/bin/python -m pytest -q -rs -p no:cacheprovider "$@"

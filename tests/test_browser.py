@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 pytestmark = pytest.mark.browser
@@ -109,12 +110,12 @@ def browser(chromium_path: str) -> Iterator[Any]:
             browser.close()
 
 
-@pytest.fixture
-def stack(upstash: Any) -> Iterator[Any]:
+@contextlib.contextmanager
+def running_stack(upstash: Any, **env: str) -> Iterator[Any]:
     """The real stack on free ports, over the test session's Upstash endpoint."""
     from rejoin_local.stack import Stack, StackConfig
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "REJOIN_"))}
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "REJOIN_"))}
     config = StackConfig(
         port=0,
         upstash_url=upstash.url,
@@ -122,12 +123,18 @@ def stack(upstash: Any) -> Iterator[Any]:
         grace_seconds=GRACE_SECONDS,
         cleanup_interval=1.0,
         turn_backoff=0.1,
-        env=env,
+        env=base | env,
     )
     stack = Stack(config)
     with stack.serve_in_thread() as urls:
         stack.urls = urls
         yield stack
+
+
+@pytest.fixture
+def stack(upstash: Any) -> Iterator[Any]:
+    with running_stack(upstash) as started:
+        yield started
 
 
 @dataclass
@@ -262,6 +269,21 @@ def dom_texts(page: Any) -> list[str]:
     )
 
 
+def people(page: Any) -> list[dict[str, Any]]:
+    """The People list as shown: each entry's text, status and whether it is the agent."""
+    return state(page)["people"]  # type: ignore[no-any-return]
+
+
+def person(page: Any, user: str) -> dict[str, Any] | None:
+    return next((p for p in people(page) if p["user"] == user), None)
+
+
+def errors_shown(page: Any, code: str) -> list[str]:
+    return page.eval_on_selector_all(  # type: ignore[no-any-return]
+        f'#errors .error[data-code="{code}"]', "els => els.map(e => e.textContent)"
+    )
+
+
 def dom_seqs(page: Any) -> list[int]:
     return page.eval_on_selector_all(  # type: ignore[no-any-return]
         "#events li[data-seq]", "els => els.map(e => Number(e.dataset.seq))"
@@ -279,9 +301,10 @@ def test_two_people_chat_drop_resume_and_session_end(stack: Any, pages: Pages) -
     session = "browser-" + secrets.token_hex(4)
 
     # --- two participants join from links and chat ---------------------------------
-    ada = pages.open("ada", urls.join(session, "Ada"))
+    # Ada runs the stack (her link carries the admin key); Bob got an invite link.
+    ada = pages.open("ada", urls.join(session, "Ada", key=stack.config.admin_key))
     wait_status(ada, "connected")
-    bob = pages.open("bob", urls.join(session, "Bob"))
+    bob = pages.open("bob", urls.join(session, "Bob", invite=stack.invite(session)))
     wait_status(bob, "connected")
 
     badge = ada.locator("#agent-badge")
@@ -376,7 +399,7 @@ def test_two_people_chat_drop_resume_and_session_end(stack: Any, pages: Pages) -
     # --- a phone-sized screen ---------------------------------------------------------
     phone = pages.open(
         "phone",
-        urls.join("phone-" + secrets.token_hex(3), "Cy"),
+        urls.join("phone-standup-" + secrets.token_hex(6), "Cy", key=stack.config.admin_key),
         viewport={"width": 390, "height": 844},
         device_scale_factor=2,
         is_mobile=True,
@@ -390,13 +413,20 @@ def test_two_people_chat_drop_resume_and_session_end(stack: Any, pages: Pages) -
     layout = phone.evaluate(
         """() => {
           const box = (id) => document.getElementById(id).getBoundingClientRect();
+          const name = document.getElementById('session-name');
           return {scrollWidth: document.documentElement.scrollWidth, width: window.innerWidth,
                   height: window.innerHeight, text: box('text'), send: box('send'),
-                  people: box('participants'), log: box('scroller')};
+                  people: box('participants'), log: box('scroller'),
+                  invite: box('invite-link'), copy: box('invite-copy'),
+                  session: box('session-name'),
+                  sessionCut: name.scrollWidth > name.clientWidth,
+                  sessionText: name.textContent};
         }"""
     )
     assert layout["scrollWidth"] <= layout["width"], "the page scrolls sideways on a phone"
-    for name in ("text", "send", "people", "log"):
+    # The whole session name is shown (it wraps, it is not cut to a few letters).
+    assert layout["sessionText"].startswith("phone-standup-") and not layout["sessionCut"]
+    for name in ("text", "send", "people", "log", "invite", "copy", "session"):
         rect = layout[name]
         assert rect["width"] > 0 and rect["height"] > 0, f"{name} is not shown"
         assert rect["left"] >= 0 and rect["right"] <= layout["width"] + 1, f"{name} overflows"
@@ -406,3 +436,171 @@ def test_two_people_chat_drop_resume_and_session_end(stack: Any, pages: Pages) -
     # --- no console errors anywhere ---------------------------------------------------
     assert pages.errors == []
     assert time.monotonic() - started < 60
+
+
+# ---------------------------------------------------------------------------
+# One person, one participant; order after a rate limit; the text limit; the
+# page's own state; unreachable vs refused.
+# ---------------------------------------------------------------------------
+
+
+def test_one_person_is_one_participant_across_tabs_and_reloads(upstash: Any, pages: Pages) -> None:
+    # GIVEN a stack whose agent has a name, and an invite link for a session
+    with running_stack(upstash, REJOIN_AGENT_NAME="Juniper") as stack:
+        session = "ids-" + secrets.token_hex(4)
+        invite = stack.urls.join(session, invite=stack.invite(session))
+        # WHEN Ada joins from the invite, then opens it again in a second tab
+        # of the same browser, and reloads the first tab
+        ada = pages.open("ada", stack.urls.join(session, "Ada", invite=stack.invite(session)))
+        wait_status(ada, "connected")
+        ada_user = state(ada)["user"]
+        # The invite never leaves the address bar with the admin key, nor stays there.
+        assert "#" not in ada.url
+        tab = ada.context.new_page()
+        pages.pages["ada-tab"] = tab
+        tab.goto(invite)
+        tab.wait_for_selector("#join-form")
+        assert tab.locator("#join-name").input_value() == "Ada"  # remembered in this browser
+        assert "as Ada" in tab.locator("#join-again").inner_text()
+        tab.locator("#join-form button[type=submit]").click()
+        wait_status(tab, "connected")
+        ada.reload()
+        wait_status(ada, "connected")
+
+        # THEN both tabs, before and after the reload, are the same participant
+        assert state(tab)["user"] == ada_user == state(ada)["user"]
+        bob = pages.open("bob", stack.urls.join(session, "Bob", invite=stack.invite(session)))
+        wait_status(bob, "connected")
+        wait_until(lambda: person(bob, ada_user), "Bob to see Ada")
+        shown = [p["text"] for p in people(bob) if not p["agent"]]
+        assert sorted(shown) == ["Ada", "Bob"], shown
+        # AND the agent is in the People list, by its name
+        agents = [p for p in people(bob) if p["agent"]]
+        assert [p["text"] for p in agents] == ["Juniper"]
+
+        # WHEN somebody else (another browser) also calls themselves Ada
+        other = pages.open("ada2", stack.urls.join(session, "Ada", invite=stack.invite(session)))
+        wait_status(other, "connected")
+        other_user = state(other)["user"]
+
+        # THEN that is a second participant, and the list tells the two apart
+        assert other_user != ada_user
+        wait_until(lambda: person(bob, other_user), "Bob to see the second Ada")
+        texts = sorted(p["text"] for p in people(bob) if p["text"].startswith("Ada"))
+        assert texts == sorted([f"Ada \u00b7 {ada_user[-4:]}", f"Ada \u00b7 {other_user[-4:]}"])
+        # An invite cannot be used to pick somebody else's user id.
+        refused = httpx.post(
+            f"{stack.urls.http}/local/token",
+            headers={"Authorization": f"Invite {stack.invite(session)}"},
+            json={"session": session, "name": "Ada", "user": ada_user},
+        ).status_code
+        assert refused == 403
+        assert pages.errors == []
+
+
+def test_messages_after_a_rate_limit_go_out_in_typed_order(upstash: Any, pages: Pages) -> None:
+    # GIVEN a stack that allows 3 messages a second per participant
+    with running_stack(
+        upstash,
+        REJOIN_RATE_LIMIT="3",
+        REJOIN_RATE_WINDOW_SECONDS="1",
+        REJOIN_REPLY_MODE="addressed",
+    ) as stack:
+        session = "order-" + secrets.token_hex(4)
+        ada = pages.open("ada", stack.urls.join(session, "Ada", key=stack.config.admin_key))
+        wait_status(ada, "connected")
+        typed = [f"message {i:02d}" for i in range(1, 13)]
+
+        # WHEN Ada types 12 messages as fast as she can
+        for text in typed:
+            send(ada, text)
+
+        # THEN the server stored all 12, once each, in the order typed
+        def stored() -> list[str]:
+            return [e["text"] for e in state(ada)["events"] if e["type"] == "message"]
+
+        wait_until(lambda: len(stored()) == len(typed), "all 12 messages stored", timeout=30)
+        assert stored() == typed
+        assert state(ada)["pending"] == []
+        # (and the limit was really hit on the way)
+        frames = ada.evaluate("() => window.rejoinDebug.frames")
+        limited = [
+            f for f in frames if f["direction"] == "in" and f["frame"].get("code") == "rate_limited"
+        ]
+        assert limited, "the rate limit was never reached: the test proves nothing"
+        assert pages.errors == []
+
+
+def test_long_text_is_counted_against_the_limit_and_never_cut(stack: Any, pages: Pages) -> None:
+    session = "limit-" + secrets.token_hex(4)
+    ada = pages.open("ada", stack.urls.join(session, "Ada", key=stack.config.admin_key))
+    wait_status(ada, "connected")
+    box, counter = ada.locator("#text"), ada.locator("#counter")
+    assert state(ada)["maxText"] == 4000  # no welcome.limits yet: the documented default
+
+    # WHEN a 5,000-character text is pasted
+    box.fill("x" * 5000)
+
+    # THEN the counter says by how much it is over, Send is off, and Enter sends nothing
+    assert counter.inner_text() == "5,000 / 4,000: 1,000 too many"
+    assert ada.locator("#send").is_disabled()
+    box.press("Enter")
+    assert len(box.input_value()) == 5000  # kept whole: nothing cut
+    assert state(ada)["pending"] == []
+    assert not [e for e in state(ada)["events"] if e["type"] == "message"]
+
+    # WHEN it is cut to the limit by the user (4,000 emoji are 4,000 characters,
+    # though 8,000 UTF-16 units)
+    box.fill("\U0001f600" * 4000)
+    assert counter.inner_text() == "4,000 / 4,000"
+    box.press("Enter")
+
+    # THEN it is sent and stored whole
+    def stored() -> list[str]:
+        return [e["text"] for e in state(ada)["events"] if e["type"] == "message"]
+
+    wait_until(stored, "the message to be stored")
+    assert stored() == ["\U0001f600" * 4000]
+    assert pages.errors == []
+
+
+def test_own_entry_shows_reconnecting_and_left(stack: Any, pages: Pages) -> None:
+    session = "own-" + secrets.token_hex(4)
+    ada = pages.open("ada", stack.urls.join(session, "Ada", key=stack.config.admin_key))
+    wait_status(ada, "connected")
+    me = state(ada)["user"]
+    assert person(ada, me)["status"] == "active"
+
+    # WHEN the connection drops, THEN her own entry says so (not a green "active")
+    ada.evaluate("() => window.rejoinDebug.dropConnection({hold: true})")
+    wait_status(ada, "reconnecting...")
+    assert person(ada, me)["status"] == "reconnecting"
+    ada.evaluate("() => window.rejoinDebug.release()")
+    wait_status(ada, "connected")
+    assert person(ada, me)["status"] == "active"
+
+    # WHEN she leaves, THEN her entry says left once the server confirmed it
+    ada.locator("#leave").click()
+    wait_status(ada, "left")
+    assert person(ada, me)["status"] == "left"
+    assert pages.errors == []
+
+
+def test_server_unreachable_is_told_apart_from_token_refused(upstash: Any, pages: Pages) -> None:
+    with running_stack(upstash) as stack:
+        session = "diag-" + secrets.token_hex(4)
+        # GIVEN a link whose token the server refuses
+        bad = pages.open("bad", f"{stack.urls.http}/join?session={session}&token=not-a-token")
+        # THEN the page says the token was refused (the server is there)
+        wait_until(lambda: errors_shown(bad, "connect"), "the refusal to be shown")
+        assert state(bad)["diagnosis"] == "refused"
+        assert "refused the connection" in errors_shown(bad, "connect")[0]
+
+        # GIVEN a page connected to a stack that then goes away
+        ada = pages.open("ada", stack.urls.join(session, "Ada", key=stack.config.admin_key))
+        wait_status(ada, "connected")
+    # THEN (the stack stopped) the page says it cannot reach the server
+    wait_until(lambda: state(ada)["diagnosis"] == "unreachable", "the page to diagnose", 20)
+    shown = errors_shown(ada, "connect")
+    assert shown and "Cannot reach the server" in shown[-1], shown
+    assert all("refused" not in text for text in shown)

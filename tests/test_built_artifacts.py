@@ -50,6 +50,48 @@ HOST_IS_ARM64 = platform.machine().lower() in ("aarch64", "arm64")
 # The build this machine can import: the arm64 one only on arm64.
 HOST_BUILD = BUILD if HOST_IS_ARM64 else ROOT / ".aws-sam" / "host" / "build"
 BUILD_HINT = "run `bash scripts/check-template.sh` (make test does) to build it"
+_BUILT: list[bool] = []
+
+
+def _newest_source() -> float:
+    paths = [
+        ROOT / "template.yaml",
+        *(ROOT / "shared").rglob("*"),
+        *(ROOT / "functions").rglob("*"),
+    ]
+    return max(p.stat().st_mtime for p in paths if p.is_file() and "__pycache__" not in p.parts)
+
+
+def ensure_built() -> None:
+    """Build the artefacts these tests import when they are missing or older than the sources.
+
+    A plain ``sam build`` (or ``make build``) builds only arm64, which an x86_64
+    machine cannot import: the tests would otherwise skip. They build what they
+    need instead (``scripts/check-template.sh``, cached), and fail, saying why,
+    when that is not possible.
+    """
+    if _BUILT:
+        return
+    stamps = [BUILD / "template.yaml", HOST_BUILD / "template.yaml"]
+    newest = _newest_source()
+    if not all(s.is_file() and s.stat().st_mtime >= newest for s in stamps):
+        result = subprocess.run(
+            ["bash", "scripts/check-template.sh"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=1800,
+            check=False,
+        )
+        if result.returncode != 0:
+            pytest.fail(
+                "the built artefacts are missing or older than the sources, and "
+                "`bash scripts/check-template.sh` could not build them:\n"
+                + (result.stdout + result.stderr)[-3000:]
+            )
+    _BUILT.append(True)
+
+
 ENV_LOCAL = json.loads((EVENTS / "env.local.json").read_text())["Parameters"]
 
 CONNECTION_ID = "L0SM9cOFvHcCIhw="
@@ -201,8 +243,7 @@ def test_env_local_overrides_only_declared_variables():
 
 @pytest.fixture(scope="module")
 def build() -> Path:
-    if not (BUILD / "template.yaml").is_file():
-        pytest.skip(f"no .aws-sam/build: {BUILD_HINT}")
+    ensure_built()
     return BUILD
 
 
@@ -284,8 +325,6 @@ def test_built_template_points_at_the_artefacts(build):
 def test_host_build_has_the_same_code(build):
     if HOST_IS_ARM64:
         pytest.skip("on arm64 the deployable build is the test build")
-    if not (HOST_BUILD / "template.yaml").is_file():
-        pytest.skip(f"no .aws-sam/host/build: {BUILD_HINT}")
     _same_tree(
         HOST_BUILD / "RejoinLayer" / "python" / "rejoin",
         build / "RejoinLayer" / "python" / "rejoin",
@@ -413,10 +452,11 @@ def invoke_built(function_name: str, event_path: Path, env: dict[str, str]) -> I
     """
     if sys.version_info[:2] != (3, 13):
         pytest.skip("the artefacts are built for python3.13")
+    ensure_built()
     task = HOST_BUILD / function_name
     layer = HOST_BUILD / "RejoinLayer" / "python"
     if not (task / "app.py").is_file() or not layer.is_dir():
-        pytest.skip(f"no built {function_name} in {HOST_BUILD.relative_to(ROOT)}: {BUILD_HINT}")
+        pytest.fail(f"no built {function_name} in {HOST_BUILD.relative_to(ROOT)}: {BUILD_HINT}")
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
         proc = subprocess.run(

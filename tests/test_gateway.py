@@ -9,11 +9,11 @@ real boto3 client too) and the idle timeout.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import json
 import logging
 import re
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -716,192 +716,223 @@ async def test_turn_handler_that_raises_fails_the_whole_batch() -> None:
 
 
 # ---------------------------------------------------------------------------
-# The terminal client, against a tiny protocol stub behind the gateway
+# Handshake size, nested JSON, and the management API's credential
 # ---------------------------------------------------------------------------
 
 
-class FakeRoom:
-    """Just enough of docs/protocol.md for the client: resume, say, ping, leave."""
+def _raw_handshake(
+    running: RunningServer,
+    path: str = "/ws?session=s1&token=t1",
+    headers: list[tuple[str, str]] | None = None,
+    *,
+    chunk: int | None = None,
+) -> bytes:
+    """Send a WebSocket handshake over a plain socket; return the first bytes of the answer."""
+    lines = [
+        f"GET {path} HTTP/1.1",
+        f"Host: {running.host}:{running.port}",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+        "Sec-WebSocket-Version: 13",
+        *(f"{name}: {value}" for name, value in headers or []),
+    ]
+    request = ("\r\n".join(lines) + "\r\n\r\n").encode()
+    with socket.create_connection((running.host, running.port), timeout=5) as sock:
+        if chunk is None:
+            sock.sendall(request)
+        else:  # a head that arrives in pieces, as over a slow network
+            for start in range(0, len(request), chunk):
+                sock.sendall(request[start : start + chunk])
+        return sock.recv(4096)
 
-    def __init__(self) -> None:
-        self.gateway: Gateway | None = None
-        self.lock = threading.Lock()
-        self.log: list[dict[str, Any]] = []
-        self.members: set[str] = set()
-        self.resumes: list[dict[str, Any]] = []
 
-    def _post(self, cid: str, frame: dict[str, Any]) -> None:
-        assert self.gateway is not None
-        with contextlib.suppress(ConnectionGone):
-            asyncio.run(self.gateway.deliver(cid, json.dumps(frame).encode()))
+@pytest.mark.parametrize(
+    ("what", "path", "headers", "chunk"),
+    [
+        ("a 9,000-character token", "/ws?session=s1&token=" + "a" * 9000, None, None),
+        ("a 70,000-character token", "/ws?session=s1&token=" + "a" * 70000, None, None),
+        ("the same, arriving in pieces", "/ws?session=s1&token=" + "a" * 20000, None, 1000),
+        (
+            "9 KB of headers",
+            "/ws?session=s1&token=t",
+            [(f"X-Pad-{i}", "p" * 900) for i in range(10)],
+            None,
+        ),
+        ("200 headers", "/ws?session=s1&token=t", [(f"X-N-{i}", "1") for i in range(200)], None),
+    ],
+)
+def test_oversized_handshake_is_answered_431(
+    server: tuple[Gateway, RunningServer],
+    stubs: Stubs,
+    what: str,
+    path: str,
+    headers: list[tuple[str, str]] | None,
+    chunk: int | None,
+) -> None:
+    # GIVEN the gateway, WHEN a handshake over its 8 KB limit arrives (what)
+    _, running = server
+    answer = _raw_handshake(running, path, headers, chunk=chunk)
+    # THEN it is answered at once with 431, and no handler ran
+    assert answer.startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n"), (what, answer)
+    assert stubs.of("$connect") == []
 
-    def _publish(self, frame: dict[str, Any]) -> None:
-        with self.lock:
-            frame["seq"] = len(self.log) + 1
-            self.log.append(frame)
-            members = list(self.members)
-        for cid in members:
-            self._post(cid, frame)
 
-    def message(self, event: dict[str, Any], context: Any) -> Any:
-        cid = event["requestContext"]["connectionId"]
-        body = json.loads(event["body"])
-        if body["action"] == "resume":
-            self.resumes.append(body)
-            with self.lock:
-                self.members.add(cid)
-                after = int(body.get("last_seq", 0))
-                recovered = body.get("epoch") == "ep1"
-                events = [e for e in self.log if e["seq"] > after] if recovered else []
-                welcome = {
-                    "type": "welcome",
-                    "session": "s1",
-                    "epoch": "ep1",
-                    "resumed": bool(self.log),
-                    "recovered": recovered,
-                    "seq": len(self.log),
-                    "you": {"user": "u-ada", "name": "Ada", "connection": cid},
-                    "participants": [{"user": "u-ada", "name": "Ada", "status": "active"}],
-                    "mode": "every",
-                    "grace_seconds": 120,
-                    "events": events,
-                    "transcript": None if recovered else list(self.log),
-                    "agent": {"offline": True, "model": "offline-stand-in"},
-                }
-            # Split like the real sender does for big frames, to exercise reassembly.
-            data = json.dumps(welcome)
-            parts = [data[i : i + 100] for i in range(0, len(data), 100)]
-            for index, part in enumerate(parts):
-                self._post(
-                    cid,
-                    {
-                        "type": "part",
-                        "id": "p-1",
-                        "index": index,
-                        "count": len(parts),
-                        "data": part,
-                    },
-                )
-        elif body["action"] == "say":
-            self._publish(
-                {
-                    "type": "message",
-                    "id": body["id"],
-                    "user": "u-ada",
-                    "name": "Ada",
-                    "text": body["text"],
-                    "ts": 1,
-                }
-            )
-            self._post(
-                cid, {"type": "ack", "id": body["id"], "seq": len(self.log), "duplicate": False}
-            )
-            for index, piece in enumerate(["You ", "said ", body["text"]]):
-                for member in list(self.members):
-                    self._post(
-                        member,
-                        {"type": "agent_delta", "turn": body["id"], "index": index, "text": piece},
-                    )
-            self._publish(
-                {
-                    "type": "agent_message",
-                    "turn": body["id"],
-                    "text": "You said " + body["text"],
-                    "ts": 2,
-                }
-            )
-        elif body["action"] == "ping":
-            self._post(cid, {"type": "pong", "ts": 3})
-        return {"statusCode": 200}
+def test_handshake_the_parser_cannot_read_is_answered_400(
+    server: tuple[Gateway, RunningServer], stubs: Stubs
+) -> None:
+    # A header value with a control character: the WebSocket parser refuses it.
+    _, running = server
+    answer = _raw_handshake(running, headers=[("X-Bad", "a\x01b")])
+    assert answer.startswith(b"HTTP/1.1 400 "), answer
+    assert stubs.of("$connect") == []
 
-    def disconnect(self, event: dict[str, Any], context: Any) -> Any:
-        with self.lock:
-            self.members.discard(event["requestContext"]["connectionId"])
-        return {"statusCode": 200}
+
+async def test_handshake_within_the_limit_is_accepted(
+    server: tuple[Gateway, RunningServer], stubs: Stubs
+) -> None:
+    # A token of 8,000 characters still fits: the connect handler sees all of it.
+    _, running = server
+    token = "t" * 8000
+    ws = await _open(running, f"session=s1&token={token}")
+    await ws.close()
+    (event,) = stubs.of("$connect")
+    assert event["queryStringParameters"]["token"] == token
+    # And a real client over the limit gets the status, not a hang.
+    with pytest.raises(InvalidStatus) as refused:
+        await _open(running, "session=s1&token=" + "t" * 9000)
+    assert refused.value.response.status_code == 431
+
+
+async def test_deeply_nested_frame_goes_to_default(
+    server: tuple[Gateway, RunningServer], stubs: Stubs
+) -> None:
+    # GIVEN 10,000 nested arrays in 20 KB (deeper than json.loads can go)
+    _, running = server
+    nested = "[" * 10_000 + "]" * 10_000
+    ws = await _open(running)
+    try:
+        # WHEN it is sent, THEN route selection survives and hands it to $default
+        await ws.send(nested)
+        await ws.send('{"action": "ping"}')  # and the connection still works
+        (event,) = await _async_wait_for(stubs, "$default")
+        await _async_wait_for(stubs, "ping")
+    finally:
+        await ws.close()
+    assert event["body"] == nested
 
 
 @pytest.fixture
-def fake_room() -> Iterator[tuple[FakeRoom, Gateway, RunningServer]]:
-    room = FakeRoom()
-    gateway = Gateway(
-        connect=lambda e, c: {"statusCode": 200},
-        message=room.message,
-        disconnect=room.disconnect,
+def keyed(stubs: Stubs) -> Iterator[tuple[Gateway, RunningServer]]:
+    yield from _start(stubs, GatewayConfig(management_key="the-local-admin-key"))
+
+
+def _management_client(running: RunningServer, secret: str) -> Any:
+    return boto3.client(
+        "apigatewaymanagementapi",
+        endpoint_url=f"{running.url}/local",
+        region_name="us-east-1",
+        aws_access_key_id="local",
+        aws_secret_access_key=secret,
+        config=Config(retries={"total_max_attempts": 1}),
     )
-    room.gateway = gateway
-    with serve(gateway.app(), gateway) as running:
-        yield room, gateway, running
 
 
-async def test_client_says_and_waits_for_the_agent(
-    fake_room: tuple[FakeRoom, Gateway, RunningServer], capsys: pytest.CaptureFixture[str]
+async def test_management_api_needs_the_key(
+    keyed: tuple[Gateway, RunningServer], stubs: Stubs
 ) -> None:
-    from rejoin_local import client
-
-    _, _, running = fake_room
-    argv = [
-        "--url",
-        f"{running.ws_url}/ws",
-        "--session",
-        "s1",
-        "--name",
-        "Ada",
-        "--say",
-        "hello",
-        "--wait-agent",
-        "--timeout",
-        "10",
-    ]
-    assert await asyncio.to_thread(client.main, argv) == 0
-    out = capsys.readouterr().out
-    assert "joined s1 as Ada" in out and "offline stand-in model" in out
-    assert "#1 Ada: hello" in out
-    assert "#2 agent: You said hello" in out
-
-
-async def test_client_resumes_from_the_last_seq_after_a_drop(
-    fake_room: tuple[FakeRoom, Gateway, RunningServer],
-) -> None:
-    import io
-
-    from rejoin_local.client import ChatClient
-
-    room, gateway, running = fake_room
-    out = io.StringIO()
-    chat = ChatClient(url=f"{running.ws_url}/ws", session="s1", token="t", out=out)
-    runner = asyncio.create_task(chat.run())
+    _, running = keyed
+    ws = await _open(running)
+    cid = stubs.of("$connect")[0]["requestContext"]["connectionId"]
+    url = f"{running.url}/@connections/{cid}"
     try:
-        await asyncio.wait_for(chat._welcomed.wait(), 5)
-        first = await chat.say("one")
-        await chat.wait_for_agent(first, 5)
-        assert chat.last_seq == 2
-        # The network drops (and the gateway loses the $disconnect); messages go on.
-        (cid,) = list(gateway.connections)
-        await asyncio.wrap_future(gateway.drop(cid, lose_disconnect=False))
-        # From a thread, as a handler would (posting runs its own event loop).
-        await asyncio.to_thread(
-            room._publish,
-            {
-                "type": "message",
-                "id": "x-1",
-                "user": "u-bob",
-                "name": "Bob",
-                "text": "while you were away",
-                "ts": 4,
-            },
-        )
-        await _until(lambda: len(room.resumes) >= 2)
-        assert room.resumes[-1] == {"action": "resume", "epoch": "ep1", "last_seq": 2}
-        await _until(lambda: chat.last_seq >= 3)
-        second = await chat.say("two")
-        await chat.wait_for_agent(second, 5)
+        async with httpx.AsyncClient() as http:
+            # No credential, a wrong one, a signature made with another secret: refused.
+            r = await http.post(url, content=b'{"n":1}')
+            assert r.status_code == 403
+            assert r.headers["x-amzn-ErrorType"] == "MissingAuthenticationTokenException"
+            r = await http.post(url, content=b'{"n":2}', headers={"Authorization": "Bearer nope"})
+            assert r.status_code == 403
+            for method in ("GET", "DELETE"):
+                r = await http.request(method, url)
+                assert r.status_code == 403
+            # The key: delivered (and the refused DELETE did not close the socket).
+            r = await http.post(
+                url, content=b'{"n":3}', headers={"Authorization": "Bearer the-local-admin-key"}
+            )
+            assert r.status_code == 200
+        assert json.loads(await asyncio.wait_for(ws.recv(), 5)) == {"n": 3}
     finally:
-        runner.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await runner
-    lines = out.getvalue().splitlines()
-    # Every event printed once, in seq order, across the drop.
-    printed = [int(m.group(1)) for m in (re.search(r"\] #(\d+) ", line) for line in lines) if m]
-    assert printed == [1, 2, 3, 4, 5]
-    assert any("while you were away" in line for line in lines)
-    assert any("reconnecting" in line for line in lines)
+        await ws.close()
+
+
+def test_management_api_checks_boto3_signatures(
+    keyed: tuple[Gateway, RunningServer], stubs: Stubs
+) -> None:
+    from botocore.exceptions import ClientError
+
+    gateway, running = keyed
+    received: list[str] = []
+    opened, done = threading.Event(), threading.Event()
+
+    async def client() -> None:
+        ws = await _open(running)
+        opened.set()
+        received.append(await asyncio.wait_for(ws.recv(), 5))
+        await asyncio.to_thread(done.wait, 5)
+        await ws.close()
+
+    thread = threading.Thread(target=lambda: asyncio.run(client()))
+    thread.start()
+    try:
+        assert opened.wait(5)
+        cid = stubs.of("$connect")[0]["requestContext"]["connectionId"]
+        # WHEN boto3 signs with another secret THEN 403 InvalidSignatureException
+        with pytest.raises(ClientError) as wrong:
+            _management_client(running, "another-secret").post_to_connection(
+                ConnectionId=cid, Data=b'{"n":"wrong"}'
+            )
+        assert wrong.value.response["Error"]["Code"] == "InvalidSignatureException"
+        # WHEN the gateway's clock is 20 minutes past the signature THEN refused (no replay)
+        real_clock = gateway._clock
+        gateway._clock = lambda: real_clock() + 20 * 60
+        with pytest.raises(ClientError):
+            _management_client(running, "the-local-admin-key").post_to_connection(
+                ConnectionId=cid, Data=b'{"n":"late"}'
+            )
+        gateway._clock = real_clock
+        # WHEN boto3 signs with the key as its secret access key THEN it works, as with IAM
+        api = _management_client(running, "the-local-admin-key")
+        api.post_to_connection(ConnectionId=cid, Data=b'{"n":"signed"}')
+        assert api.get_connection(ConnectionId=cid)["Identity"]["SourceIp"] == "127.0.0.1"
+    finally:
+        done.set()
+        thread.join(5)
+    assert [json.loads(r) for r in received] == [{"n": "signed"}]
+
+
+async def test_a_signed_request_with_a_changed_body_is_refused(
+    keyed: tuple[Gateway, RunningServer], stubs: Stubs
+) -> None:
+    from botocore.auth import SigV4Auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+
+    _, running = keyed
+    ws = await _open(running)
+    cid = stubs.of("$connect")[0]["requestContext"]["connectionId"]
+    url = f"{running.url}/@connections/{cid.replace('=', '%3D')}"
+    signed = AWSRequest(method="POST", url=url, data=b'{"n":"original"}')
+    SigV4Auth(Credentials("local", "the-local-admin-key"), "execute-api", "us-east-1").add_auth(
+        signed
+    )
+    headers = dict(signed.headers.items())
+    try:
+        async with httpx.AsyncClient() as http:
+            r = await http.post(url, content=b'{"n":"changed"}', headers=headers)
+            assert r.status_code == 403
+            r = await http.post(url, content=b'{"n":"original"}', headers=headers)
+            assert r.status_code == 200
+        assert json.loads(await asyncio.wait_for(ws.recv(), 5)) == {"n": "original"}
+    finally:
+        await ws.close()

@@ -637,7 +637,7 @@ def test_every_sample_event_is_documented(t):
     for name in events:
         assert f"events/{name}" in deploy, f"docs/deploy.md has no sam local invoke for {name}"
     for name in FUNCTIONS:
-        assert f"sam local invoke {name}" in deploy, name
+        assert f"bash scripts/sam.sh local invoke {name}" in deploy, name
 
 
 def test_samconfig_environments():
@@ -646,7 +646,7 @@ def test_samconfig_environments():
     cfg = tomllib.loads((ROOT / "samconfig.toml").read_text())
     assert cfg["version"] == 0.1
     deploy = cfg["default"]["deploy"]["parameters"]
-    assert deploy["stack_name"] == "rejoin"
+    assert deploy["stack_name"] == "rejoin-dev"  # the default environment is dev
     assert deploy["region"] == "us-east-1"
     assert "CAPABILITY_IAM" in deploy["capabilities"]
     assert deploy["confirm_changeset"] is True and deploy["resolve_s3"] is True

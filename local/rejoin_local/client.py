@@ -17,20 +17,31 @@ once each, in ``seq`` order, and ``part`` frames are reassembled. When the
 socket drops it reconnects with a backoff and resumes. ``--name`` mints a
 token locally with ``REJOIN_TOKEN_SECRET`` (default: the local stack's key).
 Message text goes to stdout only; nothing is logged.
+
+Nothing is lost silently: messages go out one at a time, in the order given,
+and each is sent again (same id, so the server stores it once) until its
+``ack`` arrives: after a reconnect, after ``rate_limited`` (once
+``retry_after`` has passed) and after ``turn_not_queued``. ``leave`` waits for
+the server's ``left`` frame (or its close of the socket). The command exits 0
+only when every frame it sent was acknowledged, and non-zero, with the
+reason, otherwise; a refused handshake is explained (400/401/403), not only
+numbered.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import json
 import os
+import re
 import secrets
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 from urllib.parse import urlencode, urlsplit, urlunsplit
@@ -38,19 +49,82 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus, InvalidURI
 
-__all__ = ["ChatClient", "main"]
+__all__ = ["ChatClient", "Refused", "SayRefused", "main"]
 
 DEFAULT_URL = "ws://127.0.0.1:8080/ws"
 LOCAL_SIGNING_KEY = "local-dev-signing-key-change-me-0123456789"
 LOGGED = frozenset({"message", "presence", "agent_message"})
+# Errors after which the same say (same id) is sent again: it is safe, the
+# server stores an id once.
+RETRIED = frozenset({"rate_limited", "turn_not_queued", "not_joined", "internal"})
+
+
+def _claims(token: str) -> dict[str, Any]:
+    """The token's claims, unverified: only to explain a refusal."""
+    try:
+        payload = token.split(".")[1]
+        data = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    except (IndexError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def explain_refusal(status: int, session: str, token: str) -> str:
+    """Plain words for a refused handshake (API Gateway gives only the status)."""
+    claims = _claims(token)
+    if status == 400:
+        why = (
+            "the request is malformed: the session id must be 1-128 letters, digits, _ or -, "
+            "and a token must be given"
+        )
+    elif status == 401:
+        why = (
+            "the token is not valid: missing, malformed, expired, or signed with another key "
+            "(a local token must be signed with the REJOIN_TOKEN_SECRET the server uses)"
+        )
+    elif status == 403:
+        granted = claims.get("sid")
+        if isinstance(granted, str) and granted != session:
+            why = (
+                f"the token is for session {granted!r}, not {session!r}: "
+                f"connect with --session {granted}, or get a token for {session}"
+            )
+        else:
+            why = (
+                f"the token is not accepted for session {session!r} (it may have been revoked: "
+                "the session was ended, or you were removed from it)"
+            )
+    elif status == 429:
+        why = "too many connections: try again shortly"
+    elif status >= 500:
+        why = "the server failed while accepting the connection (see its log)"
+    else:
+        why = "the server did not accept the connection"
+    return f"the server refused the connection (HTTP {status}): {why}"
 
 
 class Refused(Exception):
-    """The handshake was refused with an HTTP status."""
+    """The handshake was refused with an HTTP status.
 
-    def __init__(self, status: int) -> None:
-        super().__init__(f"the server refused the connection: HTTP {status}")
+    Attributes:
+        status: the HTTP status.
+    """
+
+    def __init__(self, status: int, explanation: str | None = None) -> None:
+        super().__init__(explanation or f"the server refused the connection: HTTP {status}")
         self.status = status
+
+
+class SayRefused(Exception):
+    """The server answered a ``say`` with an error: the message was not stored.
+
+    Attributes:
+        frame: the ``error`` frame.
+    """
+
+    def __init__(self, frame: dict[str, Any]) -> None:
+        super().__init__(f"{frame.get('code')}: {frame.get('message')}")
+        self.frame = frame
 
 
 @dataclass
@@ -62,34 +136,42 @@ class ChatClient:
         session: the session id.
         token: the participant's token.
         out: where events are printed.
-        show_deltas: print ``agent_delta`` pieces as they stream.
+        show_deltas: print ``agent_delta`` pieces as they stream (the final
+            message is then not printed again).
         raw: print every frame as JSON instead of readable lines.
+        remint: returns a fresh token (when minted locally), tried after a 401/403.
     """
 
     url: str
     session: str
     token: str
-    out: TextIO = sys.stdout
+    out: TextIO = field(default_factory=lambda: sys.stdout)  # the current stdout, not import time's
     show_deltas: bool = True
     raw: bool = False
-    remint: Any = None  # callable returning a fresh token, when minted locally
+    remint: Callable[[], str] | None = None
     epoch: str | None = None
     last_seq: int = 0
     user: str | None = None
+    agent_name: str = "agent"
+    mode: str | None = None
     seen: set[int] = field(default_factory=set)
     agent_replies: dict[str, str] = field(default_factory=dict)
+    replies_to: dict[int, str] = field(default_factory=dict)
     acked: dict[str, int] = field(default_factory=dict)
     errors: list[dict[str, Any]] = field(default_factory=list)
     welcomes: list[dict[str, Any]] = field(default_factory=list)
+    left: bool = False
     _ws: ClientConnection | None = None
     _welcomed: asyncio.Event = field(default_factory=asyncio.Event)
     _early: list[dict[str, Any]] = field(default_factory=list)
     _parts: dict[str, dict[int, str]] = field(default_factory=dict)
     _streaming: str | None = None
+    _streamed: dict[str, dict[int, str]] = field(default_factory=dict)
     _leaving: bool = False
     _ended: bool = False
     _drop_for: float | None = None
     _changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+    _background: set[asyncio.Task[None]] = field(default_factory=set)
 
     # ---------------------------------------------------------------- output
 
@@ -119,7 +201,34 @@ class ChatClient:
             )
             self._line(f"[{stamp}] #{seq} * {e.get('name') or e.get('user')} {verb}")
         elif e["type"] == "agent_message":
-            self._line(f"[{stamp}] #{seq} agent: {e.get('text')}")
+            turn = str(e.get("turn"))
+            pieces = self._streamed.pop(turn, None)
+            streamed = "".join(pieces[i] for i in sorted(pieces)) if pieces else None
+            if self._streaming == turn and streamed == e.get("text"):
+                # The reply is on screen already, as it streamed: close its line.
+                self.out.write(f"  (#{seq})\n")
+                self.out.flush()
+                self._streaming = None
+                return
+            self._line(f"[{stamp}] #{seq} {self.agent_name}: {e.get('text')}")
+
+    def _delta(self, f: dict[str, Any]) -> None:
+        turn = str(f.get("turn"))
+        if turn in self.agent_replies:
+            return  # the final message is in: a late piece changes nothing
+        pieces = self._streamed.setdefault(turn, {})
+        index = f.get("index")
+        key = index if isinstance(index, int) else len(pieces)
+        if key in pieces:
+            return
+        pieces[key] = str(f.get("text", ""))
+        if self._streaming != turn:
+            if self._streaming is not None:
+                self.out.write("\n")
+            self.out.write(f"[{self._time(None)}] {self.agent_name}: ")
+            self._streaming = turn
+        self.out.write(pieces[key])
+        self.out.flush()
 
     # --------------------------------------------------------------- frames
 
@@ -147,6 +256,9 @@ class ChatClient:
             for early in sorted(self._early, key=lambda e: e.get("seq") or 0):
                 await self._handle(early)
             self._early.clear()
+        elif kind == "replay":  # the rest of a backlog too large for one welcome
+            for e in sorted(f.get("events") or [], key=lambda e: e.get("seq") or 0):
+                self._event(e)
         elif not self._welcomed.is_set() and (kind in LOGGED or kind == "agent_delta"):
             self._early.append(f)  # overtook the welcome: printed after it, in order
             return
@@ -155,14 +267,8 @@ class ChatClient:
         elif kind == "agent_delta":
             if self.raw:
                 self._line(json.dumps(f, ensure_ascii=False))
-            elif self.show_deltas and f.get("turn") not in self.agent_replies:
-                if self._streaming != f.get("turn"):
-                    if self._streaming is not None:
-                        self.out.write("\n")
-                    self.out.write("  agent (streaming)> ")
-                    self._streaming = str(f.get("turn"))
-                self.out.write(str(f.get("text", "")))
-                self.out.flush()
+            elif self.show_deltas:
+                self._delta(f)
         elif kind == "ack":
             self.acked[str(f.get("id"))] = int(f.get("seq") or 0)
             if self.raw:
@@ -172,6 +278,10 @@ class ChatClient:
                 self._line(f"  sent {f.get('id')} as #{f.get('seq')}{dup}")
         elif kind == "pong":
             self._line(json.dumps(f) if self.raw else "  pong")
+        elif kind == "left":
+            self.left = True
+            if self.raw:
+                self._line(json.dumps(f))
         elif kind == "ended":
             self._ended = True
             self._line(f"* the session was ended ({f.get('reason')})")
@@ -182,6 +292,15 @@ class ChatClient:
             self._line(f"! {f.get('code')}: {f.get('message')}{where}{extra}")
             if f.get("code") == "not_joined":
                 await self._send({"action": "resume", **self._position()})
+            elif (
+                f.get("code") == "rate_limited" and not f.get("id") and not self._welcomed.is_set()
+            ):
+                # Our resume was over budget: ask again once the limit allows.
+                wait = f.get("retry_after")
+                delay = float(wait) if isinstance(wait, (int, float)) else 1.0
+                task = asyncio.create_task(self._resume_later(delay))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
         elif "message" in f and "connectionId" in f:
             self._line(f"! gateway: {f['message']}")
         else:
@@ -201,6 +320,10 @@ class ChatClient:
         self.epoch = str(w.get("epoch"))
         you = w.get("you") or {}
         self.user = you.get("user", self.user)
+        agent = w.get("agent") or {}
+        if isinstance(agent.get("name"), str) and agent["name"]:
+            self.agent_name = agent["name"]
+        self.mode = w.get("mode") or self.mode
         self.welcomes.append(w)
         if self.raw:
             self._line(json.dumps(w, ensure_ascii=False))
@@ -208,13 +331,12 @@ class ChatClient:
             people = ", ".join(
                 f"{p.get('name')} ({p.get('status')})" for p in w.get("participants") or []
             )
-            agent = w.get("agent") or {}
             model = "offline stand-in model" if agent.get("offline") else agent.get("model", "?")
             self._line(
                 f"* joined {w.get('session')} as {you.get('name')}: epoch {self.epoch}, "
                 f"resumed={'yes' if w.get('resumed') else 'no'}, "
                 f"recovered={'yes' if w.get('recovered') else 'no'}, seq {w.get('seq')}; "
-                f"agent: {model}"
+                f"agent: {self.agent_name} ({model})"
             )
             self._line(f"* people: {people or '-'}")
         replay = w.get("events") if w.get("recovered") else (w.get("transcript") or [])
@@ -231,11 +353,16 @@ class ChatClient:
         self.seen.add(seq)
         self.last_seq = max(self.last_seq, seq)
         if e.get("type") == "agent_message":
-            self.agent_replies[str(e.get("turn"))] = str(e.get("text"))
-            if self._streaming == e.get("turn"):
-                self.out.write("\n")
-                self._streaming = None
+            text = str(e.get("text"))
+            self.agent_replies[str(e.get("turn"))] = text
+            if isinstance(e.get("reply_to"), int):
+                self.replies_to[e["reply_to"]] = text
         self._print_event(e)
+
+    async def _resume_later(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        if not self._welcomed.is_set():
+            await self._send({"action": "resume", **self._position()})
 
     def _position(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "last_seq": self.last_seq} if self.epoch else {}
@@ -258,7 +385,10 @@ class ChatClient:
             return False
 
     async def say(self, text: str, message_id: str | None = None) -> str:
-        """Send ``text`` (after the welcome); return its client message id."""
+        """Send ``text`` once (after the welcome); return its client message id.
+
+        This does not wait for the ``ack``: :meth:`send` does.
+        """
         message_id = message_id or f"c-{secrets.token_hex(6)}"
         await self._welcomed.wait()
         while not await self._send({"action": "say", "id": message_id, "text": text}):
@@ -266,16 +396,64 @@ class ChatClient:
             await self._welcomed.wait()
         return message_id
 
+    async def send(self, text: str, seconds: float, message_id: str | None = None) -> int:
+        """Send ``text`` and wait for its ``ack``, sending it again when that is safe.
+
+        Sent again (same id) after a reconnect, after ``rate_limited`` once
+        ``retry_after`` has passed, and after ``turn_not_queued``.
+
+        Returns:
+            The message's ``seq``.
+
+        Raises:
+            SayRefused: the server refused it (bad text, ...); it was not stored.
+            TimeoutError: no ``ack`` within ``seconds``.
+        """
+        message_id = message_id or f"c-{secrets.token_hex(6)}"
+        async with asyncio.timeout(seconds):
+            while True:
+                errors = len(self.errors)
+                await self.say(text, message_id)
+                sent_on = self._ws
+                async with self._changed:
+                    await self._changed.wait_for(
+                        lambda errors=errors, sent_on=sent_on: (  # type: ignore[misc]
+                            message_id in self.acked
+                            or self._ws is not sent_on
+                            or any(e.get("id") == message_id for e in self.errors[errors:])
+                        )
+                    )
+                if message_id in self.acked:
+                    return self.acked[message_id]
+                refusal = next((e for e in self.errors[errors:] if e.get("id") == message_id), None)
+                if refusal is None:
+                    continue  # the connection dropped before the ack: send it again
+                if refusal.get("code") not in RETRIED:
+                    raise SayRefused(refusal)
+                wait = refusal.get("retry_after")
+                await asyncio.sleep(float(wait) if isinstance(wait, (int, float)) else 0.2)
+
     async def ping(self) -> None:
         """Send ``ping``."""
         await self._send({"action": "ping"})
 
-    async def leave(self) -> None:
-        """Send ``leave`` and close."""
+    async def leave(self, seconds: float = 10.0) -> bool:
+        """Send ``leave`` and wait for the server's ``left`` (or its close); then close.
+
+        Returns:
+            True when the server confirmed (``left`` or its close of the socket).
+        """
         self._leaving = True
-        await self._send({"action": "leave"})
-        if self._ws is not None:
-            await self._ws.close()
+        ws = self._ws
+        if ws is None or not await self._send({"action": "leave"}):
+            return False
+        confirmed = False
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds), self._changed:
+                await self._changed.wait_for(lambda: self.left or self._ws is not ws)
+            confirmed = True
+        await ws.close()
+        return confirmed
 
     async def drop(self, seconds: float = 1.0) -> None:
         """Close without ``leave`` (a lost network); reconnect after ``seconds``."""
@@ -283,15 +461,23 @@ class ChatClient:
         if self._ws is not None:
             await self._ws.close(4000, "client drop")
 
-    async def wait_for_agent(self, turn: str, seconds: float) -> str:
-        """Wait up to ``seconds`` for the ``agent_message`` answering ``turn``.
+    def reply_to(self, message_id: str, seq: int | None = None) -> str | None:
+        """The agent's reply to the message, once it is in (by ``reply_to``, else ``turn``)."""
+        if seq is not None and seq in self.replies_to:
+            return self.replies_to[seq]
+        return self.agent_replies.get(message_id)
+
+    async def wait_for_agent(self, turn: str, seconds: float, seq: int | None = None) -> str:
+        """Wait up to ``seconds`` for the agent's reply to message ``turn`` (its id).
 
         Raises:
             TimeoutError: it did not come in time.
         """
         async with asyncio.timeout(seconds), self._changed:
-            await self._changed.wait_for(lambda: turn in self.agent_replies)
-        return self.agent_replies[turn]
+            await self._changed.wait_for(lambda: self.reply_to(turn, seq) is not None)
+        reply = self.reply_to(turn, seq)
+        assert reply is not None
+        return reply
 
     async def run(self) -> None:
         """Connect, resume and read until ``leave``/``ended``; reconnect after drops."""
@@ -314,8 +500,10 @@ class ChatClient:
                 if status in (401, 403) and self.remint is not None and refusals <= 2:
                     self.token = self.remint()
                     continue
-                if attempt == 0 or status in (400, 403):
-                    raise Refused(status) from None
+                if attempt == 0 or status in (400, 401, 403):
+                    raise Refused(
+                        status, explain_refusal(status, self.session, self.token)
+                    ) from None
                 self._line(f"! reconnect refused (HTTP {status}); retrying")
                 ws = None
             except (OSError, TimeoutError) as exc:
@@ -334,6 +522,8 @@ class ChatClient:
                 except ConnectionClosed:
                     pass
                 self._ws = None
+                async with self._changed:
+                    self._changed.notify_all()
                 code = ws.close_code
                 if self._leaving or self._ended:
                     break
@@ -359,10 +549,33 @@ def _stdin_lines(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[str | Non
 HELP = "commands: /ping, /leave, /drop [seconds], /quit, /help; any other line is sent"
 
 
-async def _interactive(client: ChatClient, runner: asyncio.Task[None]) -> int:
+def _fail(message: str) -> int:
+    print(f"! {message}", file=sys.stderr)
+    return 1
+
+
+async def _outbox(client: ChatClient, texts: asyncio.Queue[str | None], seconds: float) -> int:
+    """Send typed lines one at a time, in order, each until acknowledged; count failures."""
+    failures = 0
+    while (text := await texts.get()) is not None:
+        try:
+            await client.send(text, seconds)
+        except SayRefused as exc:
+            failures += 1
+            client._line(f"! not sent: {exc}")
+        except TimeoutError:
+            failures += 1
+            client._line(f"! not acknowledged within {seconds:g} s: {text[:40]!r}")
+    return failures
+
+
+async def _interactive(client: ChatClient, runner: asyncio.Task[None], seconds: float) -> int:
     loop = asyncio.get_running_loop()
     lines: asyncio.Queue[str | None] = asyncio.Queue()
+    texts: asyncio.Queue[str | None] = asyncio.Queue()
+    sender = asyncio.create_task(_outbox(client, texts, seconds))
     threading.Thread(target=_stdin_lines, args=(loop, lines), daemon=True).start()
+    leave = False
     while not runner.done():
         getter = asyncio.ensure_future(lines.get())
         done, _ = await asyncio.wait({getter, runner}, return_when=asyncio.FIRST_COMPLETED)
@@ -380,7 +593,7 @@ async def _interactive(client: ChatClient, runner: asyncio.Task[None]) -> int:
         elif text == "/ping":
             await client.ping()
         elif text == "/leave":
-            await client.leave()
+            leave = True
             break
         elif text.startswith("/drop"):
             arg = text[5:].strip()
@@ -393,26 +606,47 @@ async def _interactive(client: ChatClient, runner: asyncio.Task[None]) -> int:
         elif text.startswith("/") and not text.startswith("//"):
             client._line(f"unknown command {text.split()[0]}; {HELP}")
         else:
-            await client.say(text[1:] if text.startswith("//") else text)
-    return 0
+            texts.put_nowait(text[1:] if text.startswith("//") else text)
+    # Everything typed goes out (and is acknowledged) before leaving or quitting.
+    texts.put_nowait(None)
+    if runner.done():
+        sender.cancel()
+        pending = texts.qsize()
+        return _fail(f"the connection ended; {pending} message(s) not sent") if pending else 0
+    failures = await sender
+    if leave and not await client.leave(seconds):
+        return _fail("the server did not confirm leave")
+    return 1 if failures else 0
 
 
 async def _scripted(client: ChatClient, args: argparse.Namespace) -> int:
-    ids = [await client.say(text) for text in args.say]
-    if args.wait_agent and ids:
+    last: tuple[str, int] | None = None
+    for text in args.say:
+        message_id = f"c-{secrets.token_hex(6)}"
         try:
-            await client.wait_for_agent(ids[-1], args.timeout)
+            seq = await client.send(text, args.timeout, message_id)
+        except SayRefused as exc:
+            return _fail(f"the server refused the message, it was not stored: {exc}")
         except TimeoutError:
-            print(f"! no agent reply within {args.timeout:g} s", file=sys.stderr)
-            return 1
-    elif args.wait_agent:
-        await asyncio.sleep(0)
-    if args.leave:
-        await client.leave()
+            return _fail(f"the message was not acknowledged within {args.timeout:g} s")
+        last = (message_id, seq)
+    if args.wait_agent and last is not None:
+        try:
+            await client.wait_for_agent(last[0], args.timeout, seq=last[1])
+        except TimeoutError:
+            hint = (
+                " (the session is in 'addressed' mode: the agent answers only messages "
+                f"that address it, e.g. '@{client.agent_name} ...')"
+                if client.mode == "addressed"
+                else ""
+            )
+            return _fail(f"no agent reply within {args.timeout:g} s{hint}")
+    if args.leave and not await client.leave(args.timeout):
+        return _fail("the server did not confirm leave")
     return 0
 
 
-async def _amain(args: argparse.Namespace, token: str, remint: Any) -> int:
+async def _amain(args: argparse.Namespace, token: str, remint: Callable[[], str] | None) -> int:
     client = ChatClient(
         url=args.url,
         session=args.session,
@@ -422,30 +656,28 @@ async def _amain(args: argparse.Namespace, token: str, remint: Any) -> int:
         remint=remint,
     )
     runner = asyncio.create_task(client.run())
-    try:
-        await asyncio.wait_for(asyncio.shield(client._welcomed.wait()), args.timeout)
-    except TimeoutError:
-        if runner.done() and runner.exception() is not None:
-            pass
-        else:
-            print(f"! no welcome within {args.timeout:g} s", file=sys.stderr)
-            runner.cancel()
-            return 1
+    welcomed = asyncio.ensure_future(client._welcomed.wait())
+    await asyncio.wait({welcomed, runner}, timeout=args.timeout, return_when="FIRST_COMPLETED")
     if runner.done():
+        welcomed.cancel()
         exc = runner.exception()
         if isinstance(exc, Refused):
-            print(f"! {exc}", file=sys.stderr)
-            return 1
+            return _fail(str(exc))
         if isinstance(exc, (OSError, TimeoutError, InvalidURI)):
-            print(f"! cannot connect to {args.url}: {exc}", file=sys.stderr)
-            return 1
+            return _fail(f"cannot connect to {args.url}: {exc} (is the server running?)")
         if exc is not None:
             raise exc
+        return _fail("the connection ended before the welcome")
+    if not welcomed.done():
+        welcomed.cancel()
+        runner.cancel()
+        return _fail(f"no welcome within {args.timeout:g} s")
     try:
-        if args.say:
+        if args.say or args.leave:
             return await _scripted(client, args)
-        return await _interactive(client, runner)
+        return await _interactive(client, runner, args.timeout)
     finally:
+        client._leaving = True
         runner.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await runner
@@ -475,20 +707,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="append",
         default=[],
         metavar="TEXT",
-        help="send TEXT and exit (repeatable) instead of reading stdin",
+        help="send TEXT, wait for its acknowledgement, and exit (repeatable; sent in order) "
+        "instead of reading stdin",
     )
     p.add_argument(
         "--wait-agent",
         action="store_true",
         help="with --say: exit after the agent's reply to the last message",
     )
-    p.add_argument("--leave", action="store_true", help="with --say: send leave before exiting")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait (default 60)")
-    p.add_argument("--no-deltas", action="store_true", help="do not print streamed pieces")
+    p.add_argument(
+        "--leave",
+        action="store_true",
+        help="send leave (and wait for its confirmation) before exiting",
+    )
+    p.add_argument(
+        "--timeout", type=float, default=60.0, help="seconds to wait for each answer (default 60)"
+    )
+    p.add_argument(
+        "--no-deltas",
+        action="store_true",
+        help="print only the agent's final message, not the stream",
+    )
     p.add_argument("--json", action="store_true", help="print frames as JSON")
     args = p.parse_args(argv)
+    if args.wait_agent and not args.say:
+        p.error("--wait-agent needs --say")
 
-    remint = None
+    remint: Callable[[], str] | None = None
     if args.token:
         token = args.token
     else:
@@ -499,7 +744,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             ensure_shared_on_path()
             from rejoin.tokens import mint_token
-        import re
 
         secret = os.environ.get("REJOIN_TOKEN_SECRET") or LOCAL_SIGNING_KEY
         slug = re.sub(r"[^a-z0-9]+", "-", args.name.lower()).strip("-")[:24] or "user"
@@ -522,7 +766,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return asyncio.run(_amain(args, token, remint))
     except KeyboardInterrupt:
-        return 0
+        return 130
 
 
 if __name__ == "__main__":

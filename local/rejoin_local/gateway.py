@@ -41,6 +41,7 @@ import asyncio
 import base64
 import contextlib
 import functools
+import hmac
 import json
 import logging
 import os
@@ -65,11 +66,14 @@ from rejoin.errors import ConnectionGone, PayloadTooLarge
 from ._serving import bind as bind
 from ._serving import client_address as client_address
 from ._serving import serve_uvicorn
+from ._sigv4 import SignatureProblem
+from ._sigv4 import verify as verify_sigv4
 from .handlers import LocalLambdaContext
 
 __all__ = [
     "DEFAULT_ROUTES",
     "FRAME_LIMIT",
+    "HANDSHAKE_LIMIT",
     "MESSAGE_LIMIT",
     "Gateway",
     "GatewayConfig",
@@ -90,6 +94,18 @@ MESSAGE_LIMIT = 128 * 1024
 INTEGRATION_TIMEOUT = 29.0
 """API Gateway's integration timeout (not raisable)."""
 DEFAULT_ROUTES = ("say", "resume", "ping", "leave")
+HANDSHAKE_LIMIT = 8 * 1024
+"""The longest handshake request line, and the most header bytes, accepted.
+
+Over it the handshake is answered 431 (Request Header Fields Too Large): a
+client is told, never left waiting (the WebSocket parser alone would drop
+such a request without a word). API Gateway answers oversized handshakes
+too; its documented quota is 4,096 characters of URL, so keep tokens short.
+"""
+HANDSHAKE_MAX_HEADERS = 128
+"""The most header lines a handshake may carry (the WebSocket parser's own limit)."""
+_HEAD_BUFFER_LIMIT = 1024 * 1024
+"""How much of a request head the HTTP parser buffers before answering 400 itself."""
 
 Handler = Callable[[dict[str, Any], Any], Any]
 
@@ -141,6 +157,13 @@ class GatewayConfig:
         identity_sources: query parameters the authorizer needs; a handshake
             without one of them is refused with 401 before the authorizer
             runs (API Gateway's ``route.request.querystring.*`` sources).
+        handshake_limit: the longest request line, and the most header bytes,
+            of a handshake; over it the answer is 431.
+        management_key: when set, the management API (``@connections``)
+            answers only requests signed with it: AWS Signature V4 with this
+            key as the secret access key (what boto3 sends, as API Gateway
+            checks IAM), or ``Authorization: Bearer <key>``. Otherwise 403.
+            None leaves it open (for tests that embed the gateway).
     """
 
     path: str = "/ws"
@@ -154,6 +177,8 @@ class GatewayConfig:
     integration_timeout: float = INTEGRATION_TIMEOUT
     sweep_interval: float | None = None
     identity_sources: tuple[str, ...] = ("session", "token")
+    handshake_limit: int = HANDSHAKE_LIMIT
+    management_key: str | None = None
 
 
 @dataclass
@@ -444,7 +469,10 @@ class Gateway:
             return "$default"
         try:
             parsed = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):
+            # Not JSON, or nested too deep for the parser (10,000 arrays fit
+            # in 20 KB): API Gateway routes both to $default, where the
+            # handler answers bad_json.
             return "$default"
         if isinstance(parsed, dict):
             action = parsed.get("action")
@@ -773,13 +801,51 @@ class Gateway:
 
     # ------------------------------------------------------- management API
 
+    async def _authorized(self, request: Request, body: bytes) -> Response | None:
+        """None when the request carries the management key, else the 403 to answer."""
+        key = self.config.management_key
+        if key is None:
+            return None
+        auth = request.headers.get("authorization", "")
+        if auth.startswith("Bearer "):
+            if hmac.compare_digest(auth[7:].strip().encode(), key.encode()):
+                return None
+            return _aws_error(403, "ForbiddenException", "Forbidden")
+        if not auth:
+            return _aws_error(
+                403, "MissingAuthenticationTokenException", "Missing Authentication Token"
+            )
+        scope = request.scope
+        raw_path = scope.get("raw_path") or request.url.path.encode()
+        query = scope.get("query_string", b"")
+        url = f"http://{request.headers.get('host', 'localhost')}{raw_path.decode('latin-1')}"
+        if query:
+            url += "?" + query.decode("latin-1")
+        try:
+            verify_sigv4(
+                method=request.method,
+                url=url,
+                headers={k.lower(): v for k, v in request.headers.items()},
+                body=body,
+                secret_key=key,
+                now=self._clock(),
+            )
+        except SignatureProblem as exc:
+            log.info("management API: refused a request (%s)", exc)
+            return _aws_error(403, "InvalidSignatureException", str(exc))
+        return None
+
     async def _manage(self, request: Request) -> Response:
         connection_id = request.path_params["connection_id"]
+        body = await request.body()
+        refused = await self._authorized(request, body)
+        if refused is not None:
+            return refused
         conn = self.connections.get(connection_id)
         if conn is None or not conn.open:
             return _aws_error(410, "GoneException")
         if request.method == "POST":
-            data = await request.body()
+            data = body
             if len(data) > self.config.message_limit:
                 return _aws_error(413, "PayloadTooLargeException", "Payload too large")
             try:
@@ -793,12 +859,12 @@ class Gateway:
             return Response(status_code=200)
         if request.method == "GET":
             # The wire names of GetConnectionResponse (boto3 shows them capitalised).
-            body: dict[str, Any] = {
+            info: dict[str, Any] = {
                 "connectedAt": _iso(conn.connected_at),
                 "identity": {"sourceIp": conn.source_ip, "userAgent": conn.user_agent or ""},
                 "lastActiveAt": _iso(conn.last_active),
             }
-            return JSONResponse(body)
+            return JSONResponse(info)
         await self._close(conn, 1001, "Going away")  # DELETE
         return Response(status_code=204)
 
@@ -837,15 +903,36 @@ def _aws_error(status: int, error_type: str, message: str | None = None) -> Resp
 # ---------------------------------------------------------------------------
 
 
+def _oversized_head(head: bytes, limit: int) -> str | None:
+    """Why a handshake's request head is refused with 431, or None when it fits."""
+    lines = head.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
+    if len(lines[0]) > limit:
+        return f"the request line is over {limit} bytes"
+    if sum(len(line) + 2 for line in lines[1:]) > limit:
+        return f"the headers are over {limit} bytes"
+    if len(lines) - 1 > HANDSHAKE_MAX_HEADERS:
+        return f"more than {HANDSHAKE_MAX_HEADERS} headers"
+    return None
+
+
+_STATUS_TEXT = {400: "Bad Request", 431: "Request Header Fields Too Large"}
+
+
 @functools.cache
-def limited_ws_protocol(frame_limit: int, message_limit: int) -> type[asyncio.Protocol]:
+def limited_ws_protocol(
+    frame_limit: int, message_limit: int, handshake_limit: int = HANDSHAKE_LIMIT
+) -> type[asyncio.Protocol]:
     """uvicorn's websockets (sans-I/O) protocol, closing with 1009 over the limits.
 
     A frame over ``frame_limit`` or a (possibly fragmented) message over
     ``message_limit`` fails the connection with 1009 before its payload is
-    read, exactly like the ``websockets`` library's own ``max_size``.
+    read, exactly like the ``websockets`` library's own ``max_size``. A
+    handshake whose request line or headers are over ``handshake_limit``
+    bytes is answered 431, and one the WebSocket parser cannot read 400 (it
+    would otherwise leave the client waiting for an answer that never comes).
     """
     from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+    from websockets.exceptions import SecurityError
 
     class LimitedWebSocketProtocol(WebSocketsSansIOProtocol):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -857,6 +944,34 @@ def limited_ws_protocol(frame_limit: int, message_limit: int) -> type[asyncio.Pr
             else:  # older websockets: one limit, checked per frame and per message
                 conn.max_size = message_limit
             self._message_bytes = 0
+            self._head_checked = False
+
+        def data_received(self, data: bytes) -> None:
+            if not self._head_checked:
+                # uvicorn's HTTP protocol hands the whole parsed head over in one call.
+                self._head_checked = True
+                why = _oversized_head(data, handshake_limit)
+                if why is not None:
+                    self._refuse(431, why)
+                    return
+            super().data_received(data)
+            failed = getattr(self.conn, "handshake_exc", None)
+            if not self.handshake_initiated and failed is not None and not self.close_sent:
+                too_big = isinstance(failed.__cause__, SecurityError)
+                self._refuse(431 if too_big else 400, str(failed.__cause__ or failed))
+
+        def _refuse(self, status: int, why: str) -> None:
+            log.info("handshake refused %d: %s", status, why)
+            body = f"{_STATUS_TEXT[status]}: {why}\n".encode()
+            head = (
+                f"HTTP/1.1 {status} {_STATUS_TEXT[status]}\r\n"
+                "Content-Type: text/plain; charset=utf-8\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+            )
+            self.handshake_complete = True
+            self.close_sent = True
+            self.transport.write(head.encode() + body)
+            self.transport.close()
 
         def _over(self, event: Any, first: bool) -> bool:
             size = len(event.data)
@@ -900,7 +1015,11 @@ def uvicorn_config(app: Any, gateway: Gateway | None = None, **kwargs: Any) -> u
     options: dict[str, Any] = {
         "log_level": "warning",
         "lifespan": "on",
-        "ws": limited_ws_protocol(cfg.frame_limit, cfg.message_limit),
+        "http": "h11",
+        # A head split over many packets is buffered up to this, so an
+        # oversized handshake reaches the 431 check whole.
+        "h11_max_incomplete_event_size": _HEAD_BUFFER_LIMIT,
+        "ws": limited_ws_protocol(cfg.frame_limit, cfg.message_limit, cfg.handshake_limit),
         "ws_max_size": cfg.message_limit,
         "ws_per_message_deflate": False,
         "timeout_graceful_shutdown": 5,

@@ -15,25 +15,73 @@ What runs:
 - the cleanup (``functions/cleanup``) every 60 s.
 
 With no ``OPENAI_API_KEY`` the turn handler uses the offline stand-in model;
-the page and the startup log say so. Tokens are signed with a local key
-(:data:`DEFAULT_SIGNING_KEY` unless ``REJOIN_TOKEN_SECRET`` is set) and the
-page mints them itself through ``POST /local/token``: local only.
+the page and the startup log say so.
+
+Safety (who can do what)
+------------------------
+
+Three local secrets: the token-signing key (``REJOIN_TOKEN_SECRET``), the
+local admin key (``REJOIN_ADMIN_KEY``) and the Upstash endpoint's token
+(``REJOIN_LOCAL_UPSTASH_TOKEN``). Their defaults are documented, so they
+protect nothing by themselves; what protects the stack by default is where it
+listens:
+
+- It binds 127.0.0.1 (and the Upstash endpoint too) unless ``--host`` (or
+  ``REJOIN_HOST``) says otherwise. Then it prints a warning, and every secret
+  still at its documented default is replaced by a random one for this run
+  (the banner shows the ones a user on this machine needs): an attacker on the
+  same network who knows the defaults gets nothing from them.
+- ``POST /local/token`` (the page's token minting) and the management API
+  (``/@connections/{id}``) require a credential: the admin key as
+  ``Authorization: Bearer <key>``; the management API also takes an AWS
+  Signature V4 made with the admin key as the secret access key (what boto3
+  sends when a function runs under ``sam local invoke``), as API Gateway
+  takes IAM. Without it: 401/403, nothing minted or posted.
+- One click for the page: the banner prints the page's URL with the admin
+  key in the URL fragment (``/#key=...``). A fragment never leaves the
+  browser (not in requests, logs or ``Referer``); the page moves it into
+  ``localStorage`` and removes it from the address bar.
+- Invite links (``/join?session=S#invite=...``) carry an invite: an HMAC of
+  the session id and an expiry made with the admin key. It lets its holder
+  mint tokens for that one session only, never another, and never choose a
+  user id: the id is derived from a secret the holder's browser keeps
+  (``u-<name>-<HMAC of session, name and secret>``), so the same person in the
+  same browser is the same participant in every tab and after reloads, and
+  nobody can take over another participant's id by knowing it.
+- Loopback only: requests whose ``Host`` is not a loopback name are refused
+  (403), so a web page that rebinds its DNS name to 127.0.0.1 cannot use the
+  stack. Always: a WebSocket handshake whose ``Origin`` is another site is
+  refused (403), so a web page cannot open sockets on the user's behalf
+  (browsers send ``Origin``; other clients do not, and are unaffected).
+- The WebSocket itself needs a participant token, as on AWS; the gateway
+  answers handshakes over 8 KB with 431 and deeply nested frames with the
+  handlers' ``bad_json``, never hanging.
+
+What an attacker on the same network can do when the stack listens there:
+load the page's static files, and try handshakes (refused without a token
+signed by the per-run key). With a leaked invite link: join that one session
+under a name of their choosing (a new participant id, shown as such), no more.
 
 Environment (each also a command-line option, see ``--help``):
 ``REJOIN_HOST``, ``REJOIN_PORT`` (8080), ``REJOIN_UPSTASH_PORT`` (8079),
 ``REDIS_URL``, ``REJOIN_GRACE_SECONDS`` (120),
 ``REJOIN_CLEANUP_INTERVAL_SECONDS`` (60), ``REJOIN_IDLE_TIMEOUT_SECONDS``
 (600), ``REJOIN_MAX_CONNECTION_SECONDS`` (7200), ``REJOIN_TOKEN_SECRET``,
-``REJOIN_ADMIN_KEY``, ``OPENAI_API_KEY``, ``OPENAI_BASE_URL``,
-``REJOIN_MODEL``, and every other ``REJOIN_*`` setting the handlers read.
+``REJOIN_ADMIN_KEY``, ``REJOIN_LOCAL_UPSTASH_TOKEN``, ``OPENAI_API_KEY``,
+``OPENAI_BASE_URL``, ``REJOIN_MODEL``, and every other ``REJOIN_*`` setting
+the handlers read.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import functools
+import hashlib
+import hmac
+import ipaddress
 import logging
 import math
 import os
@@ -56,6 +104,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .handlers import LocalLambdaContext, ensure_shared_on_path, load_api_app, load_handler
 
@@ -81,6 +130,7 @@ __all__ = [
     "DEFAULT_ADMIN_KEY",
     "DEFAULT_SIGNING_KEY",
     "DEFAULT_UPSTASH_TOKEN",
+    "INVITE_TTL",
     "LocalSender",
     "Stack",
     "StackConfig",
@@ -100,6 +150,11 @@ DEFAULT_UPSTASH_TOKEN = "local-dev-token"
 DEFAULT_ADMIN_KEY = "local-dev-admin-key"
 """The HTTP API's admin credential in the local stack, unless REJOIN_ADMIN_KEY is set."""
 LOCAL_TOKEN_TTL = 12 * 3600
+INVITE_TTL = 24 * 3600
+"""How long an invite link (``/join?session=..#invite=..``) can mint tokens."""
+LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
+DEFAULT_WS_URL = "ws://127.0.0.1:8080/ws"
+"""The terminal client's default URL (``make dev`` with no options)."""
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 
@@ -145,6 +200,8 @@ class StackConfig:
             starting one (tests pass the session's endpoint).
         upstash_token: the endpoint's bearer token.
         signing_key: the HS256 token-signing key.
+        admin_key: the local admin key: the HTTP API's admin credential, and
+            what ``/local/token`` and ``@connections`` require.
         grace_seconds: the reconnect grace; None: ``REJOIN_GRACE_SECONDS`` or 120.
         cleanup_interval: seconds between cleanup runs.
         idle_timeout: the gateway's idle timeout, seconds.
@@ -162,6 +219,7 @@ class StackConfig:
     upstash_url: str | None = None
     upstash_token: str = DEFAULT_UPSTASH_TOKEN
     signing_key: str = DEFAULT_SIGNING_KEY
+    admin_key: str = DEFAULT_ADMIN_KEY
     grace_seconds: int | None = None
     cleanup_interval: float = 60.0
     idle_timeout: float = 600.0
@@ -182,6 +240,7 @@ class StackConfig:
             redis_url=env.get("REDIS_URL") or None,
             upstash_token=env.get("REJOIN_LOCAL_UPSTASH_TOKEN") or DEFAULT_UPSTASH_TOKEN,
             signing_key=env.get("REJOIN_TOKEN_SECRET") or DEFAULT_SIGNING_KEY,
+            admin_key=env.get("REJOIN_ADMIN_KEY") or DEFAULT_ADMIN_KEY,
             grace_seconds=None,  # the handlers' settings read REJOIN_GRACE_SECONDS
             cleanup_interval=_env_float(env, "REJOIN_CLEANUP_INTERVAL_SECONDS", 60.0),
             idle_timeout=_env_float(env, "REJOIN_IDLE_TIMEOUT_SECONDS", 600.0),
@@ -203,7 +262,7 @@ class StackConfig:
         env["UPSTASH_REDIS_REST_URL"] = upstash_url
         env["UPSTASH_REDIS_REST_TOKEN"] = self.upstash_token
         env["REJOIN_TOKEN_SECRET"] = self.signing_key
-        env.setdefault("REJOIN_ADMIN_KEY", DEFAULT_ADMIN_KEY)
+        env["REJOIN_ADMIN_KEY"] = self.admin_key
         # The API docs (/api/docs) are on locally; deployments keep them off by default.
         env.setdefault("REJOIN_API_DOCS", "1")
         if self.grace_seconds is not None:
@@ -213,6 +272,44 @@ class StackConfig:
         env.pop("REJOIN_TURN_QUEUE_URL", None)
         env.pop("REJOIN_WS_ENDPOINT", None)
         return Settings.from_env(env)
+
+    @property
+    def loopback(self) -> bool:
+        """Whether the stack listens on this machine only."""
+        return _is_loopback(self.host)
+
+    def hardened(self) -> tuple[StackConfig, list[str]]:
+        """This configuration, safe to expose: documented default secrets made random.
+
+        On loopback nothing changes. Elsewhere each secret still at its
+        documented default gets a random value for this run.
+
+        Returns:
+            The configuration to run, and the environment names of the
+            secrets that were generated.
+        """
+        if self.loopback:
+            return self, []
+        changes: dict[str, Any] = {}
+        generated: list[str] = []
+        for attr, default, name in (
+            ("signing_key", DEFAULT_SIGNING_KEY, "REJOIN_TOKEN_SECRET"),
+            ("admin_key", DEFAULT_ADMIN_KEY, "REJOIN_ADMIN_KEY"),
+            ("upstash_token", DEFAULT_UPSTASH_TOKEN, "REJOIN_LOCAL_UPSTASH_TOKEN"),
+        ):
+            if getattr(self, attr) == default and not self.env.get(name):
+                changes[attr] = secrets.token_urlsafe(32)
+                generated.append(name)
+        return replace(self, **changes), generated
+
+
+def _is_loopback(host: str) -> bool:
+    if host.strip("[]") in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -234,12 +331,31 @@ class StackUrls:
         """The HTTP API's base URL."""
         return f"{self.http}/api"
 
-    def join(self, session: str, name: str | None = None) -> str:
-        """A link that joins ``session`` (the page asks for a name when none is given)."""
+    def page(self, key: str) -> str:
+        """The chat page, with the local admin key in the fragment (it never leaves the browser)."""
+        return f"{self.http}/#key={key}"
+
+    def join(
+        self,
+        session: str,
+        name: str | None = None,
+        *,
+        invite: str | None = None,
+        key: str | None = None,
+    ) -> str:
+        """A link that joins ``session`` (the page asks for a name when none is given).
+
+        Args:
+            session: the session id.
+            name: the display name to join as.
+            invite: an invite for this session (what a second person gets).
+            key: the local admin key (only for the person running the stack).
+        """
         from urllib.parse import urlencode
 
         query = {"session": session} | ({"name": name} if name else {})
-        return f"{self.http}/join?{urlencode(query)}"
+        fragment = f"#invite={invite}" if invite else f"#key={key}" if key else ""
+        return f"{self.http}/join?{urlencode(query)}{fragment}"
 
 
 # ---------------------------------------------------------------------------
@@ -433,6 +549,51 @@ def scheduled_event(now: float | None = None) -> dict[str, Any]:
 # ---------------------------------------------------------------------------
 
 _USER_SLUG = re.compile(r"[^a-z0-9]+")
+_SECRET = re.compile(r"[A-Za-z0-9_-]{16,128}")
+
+
+class LocalGuard:
+    """ASGI middleware: the Host and Origin checks of the module doc.
+
+    Args:
+        app: the stack's app.
+        loopback_only: refuse requests whose ``Host`` is not a loopback name.
+    """
+
+    def __init__(self, app: ASGIApp, *, loopback_only: bool) -> None:
+        self.app = app
+        self.loopback_only = loopback_only
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        host = headers.get("host", "")
+        why = None
+        if self.loopback_only and _host_name(host) not in LOOPBACK_NAMES:
+            why = f"this stack answers only to 127.0.0.1 or localhost, not {host!r}"
+        elif scope["type"] == "websocket" and "origin" in headers:
+            origin = headers["origin"]
+            if origin.partition("://")[2].rstrip("/") != host:
+                why = f"WebSocket from another site ({origin}) refused"
+        if why is None:
+            await self.app(scope, receive, send)
+            return
+        log.warning("refused %s %s: %s", scope["type"], scope.get("path"), why)
+        if scope["type"] == "websocket":
+            await receive()  # websocket.connect
+            await send({"type": "websocket.http.response.start", "status": 403, "headers": []})
+            await send({"type": "websocket.http.response.body", "body": why.encode()})
+            return
+        response = Response(why + "\n", status_code=403, media_type="text/plain")
+        await response(scope, receive, send)
+
+
+def _host_name(host: str) -> str:
+    if host.startswith("["):
+        return host[1 : host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
 class Stack:
@@ -456,6 +617,8 @@ class Stack:
         self._cleanup_task: asyncio.Task[None] | None = None
         self.cleanup_runs = 0
         self.on_started: Callable[[], None] | None = None
+        self.generated: list[str] = []
+        """Environment names of the secrets generated for this run (see the module doc)."""
 
     # -------------------------------------------------------------- handlers
 
@@ -495,12 +658,49 @@ class Stack:
 
     # ------------------------------------------------------------------ app
 
-    def _mint(self, session: str, name: str, user: str | None) -> dict[str, Any]:
+    # ------------------------------------------------------- local tokens
+
+    def invite(self, session: str, now: float | None = None) -> str:
+        """An invite for ``session``: lets its holder mint tokens for that session only.
+
+        ``v1.<expiry>.<HMAC-SHA256 of the session and expiry with the admin key>``.
+        """
+        expires = int((time.time() if now is None else now) + INVITE_TTL)
+        return f"v1.{expires}.{self._invite_mac(session, expires)}"
+
+    def _invite_mac(self, session: str, expires: int) -> str:
+        message = f"rejoin-local-invite|{session}|{expires}".encode()
+        mac = hmac.new(self.config.admin_key.encode(), message, hashlib.sha256).digest()
+        return base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
+
+    def _invite_ok(self, invite: str, session: str, now: float) -> bool:
+        version, _, rest = invite.partition(".")
+        raw_expiry, _, mac = rest.partition(".")
+        if version != "v1" or not raw_expiry.isdigit() or len(raw_expiry) > 12:
+            return False
+        expires = int(raw_expiry)
+        expected = self._invite_mac(session, expires)
+        return hmac.compare_digest(expected.encode(), mac.encode()) and now < expires
+
+    def _user_for(self, session: str, name: str, secret: str) -> str:
+        # The same browser (its secret), session and name give the same id;
+        # nobody without the secret can produce it.
+        slug = _USER_SLUG.sub("-", name.lower()).strip("-")[:24] or "user"
+        message = f"rejoin-local-user|{session}|{name.strip().casefold()}|{secret}".encode()
+        digest = hmac.new(self.config.signing_key.encode(), message, hashlib.sha256).hexdigest()
+        return f"u-{slug}-{digest[:12]}"
+
+    def _mint(
+        self, session: str, name: str, user: str | None, secret: str | None = None
+    ) -> dict[str, Any]:
         from rejoin.tokens import mint_token
 
         if not user:
-            slug = _USER_SLUG.sub("-", name.lower()).strip("-")[:24] or "user"
-            user = f"u-{slug}-{secrets.token_hex(3)}"
+            if secret:
+                user = self._user_for(session, name, secret)
+            else:
+                slug = _USER_SLUG.sub("-", name.lower()).strip("-")[:24] or "user"
+                user = f"u-{slug}-{secrets.token_hex(3)}"
         token = mint_token(
             secret=self.config.signing_key,
             session_id=session,
@@ -514,27 +714,73 @@ class Stack:
             "user": user,
             "name": name.strip(),
             "expires_in": LOCAL_TOKEN_TTL,
+            "invite": self.invite(session),
         }
 
+    def _local_credential(self, request: Request, session: str) -> str | None:
+        """``"admin"`` or ``"invite"`` for a valid credential for ``session``, else None."""
+        scheme, _, value = request.headers.get("authorization", "").partition(" ")
+        value = value.strip()
+        if scheme == "Bearer" and hmac.compare_digest(
+            value.encode(), self.config.admin_key.encode()
+        ):
+            return "admin"
+        if scheme == "Invite" and self._invite_ok(value, session, time.time()):
+            return "invite"
+        return None
+
     async def _local_token(self, request: Request) -> Response:
+        usage = "send JSON {session, name, secret}"
         try:
             body = await request.json()
         except ValueError:
-            return JSONResponse({"detail": "send JSON {session, name}"}, status_code=400)
+            return JSONResponse({"detail": usage}, status_code=400)
         if not isinstance(body, dict):
-            return JSONResponse({"detail": "send JSON {session, name}"}, status_code=400)
-        session, name, user = body.get("session"), body.get("name"), body.get("user")
+            return JSONResponse({"detail": usage}, status_code=400)
+        session, name = body.get("session"), body.get("name")
+        user, secret = body.get("user"), body.get("secret")
         if (
             not isinstance(session, str)
             or not isinstance(name, str)
             or (user is not None and not isinstance(user, str))
+            or (secret is not None and not isinstance(secret, str))
         ):
-            return JSONResponse({"detail": "session and name must be strings"}, status_code=400)
+            return JSONResponse(
+                {"detail": "session, name, user and secret must be strings"}, status_code=400
+            )
+        if secret is not None and not _SECRET.fullmatch(secret):
+            return JSONResponse(
+                {"detail": "secret must be 16-128 characters of A-Za-z0-9_-"}, status_code=400
+            )
+        credential = self._local_credential(request, session)
+        if credential is None:
+            detail = (
+                "this needs the local admin key (open the page link `make dev` printed) "
+                "or an invite link for this session"
+            )
+            if not request.headers.get("authorization"):
+                return JSONResponse(
+                    {"detail": detail}, status_code=401, headers={"WWW-Authenticate": "Bearer"}
+                )
+            return JSONResponse(
+                {
+                    "detail": "the key or invite is not valid for this session (or has expired); "
+                    + detail
+                },
+                status_code=403,
+            )
+        if credential == "invite" and user is not None:
+            return JSONResponse(
+                {"detail": "an invite cannot choose a user id; send a secret instead"},
+                status_code=403,
+            )
         try:
-            grant = self._mint(session, name, user)
+            grant = self._mint(session, name, user, secret)
         except (RejoinError, ValueError) as exc:
             return JSONResponse({"detail": str(exc)}, status_code=400)
-        log.info("minted a local token for session=%s user=%s", session, grant["user"])
+        log.info(
+            "minted a local token for session=%s user=%s (%s)", session, grant["user"], credential
+        )
         return JSONResponse(grant, headers={"Cache-Control": "no-store"})
 
     async def _index(self, request: Request) -> Response:
@@ -561,7 +807,7 @@ class Stack:
                 ]
             )
 
-    def build_app(self) -> Starlette:
+    def build_app(self) -> ASGIApp:
         """The gateway, the management API, the page and the HTTP API, as one ASGI app."""
         assert self.gateway is not None and self.worker is not None
         gateway, worker = self.gateway, self.worker
@@ -594,12 +840,13 @@ class Stack:
             Mount("/static", app=StaticFiles(directory=STATIC_DIR), name="static"),
             Mount("/api", app=self._api_app()),
         ]
-        return Starlette(routes=routes, lifespan=lifespan)
+        app = Starlette(routes=routes, lifespan=lifespan)
+        return LocalGuard(app, loopback_only=self.config.loopback)
 
     # -------------------------------------------------------------- wiring
 
     @contextlib.contextmanager
-    def prepared(self) -> Iterator[Starlette]:
+    def prepared(self) -> Iterator[ASGIApp]:
         """Start the Upstash endpoint, install the runtime, load the handlers, build the app."""
         cfg = self.config
         with contextlib.ExitStack() as stack:
@@ -642,7 +889,11 @@ class Stack:
                 connect=load_handler("connect"),
                 message=load_handler("message"),
                 disconnect=load_handler("disconnect"),
-                config=GatewayConfig(idle_timeout=cfg.idle_timeout, max_duration=cfg.max_duration),
+                config=GatewayConfig(
+                    idle_timeout=cfg.idle_timeout,
+                    max_duration=cfg.max_duration,
+                    management_key=cfg.admin_key,
+                ),
                 executor=self.executor,
                 on_open=self.sender.open,
                 on_close=self.sender.close_socket,
@@ -675,6 +926,7 @@ class Stack:
     def describe(self, urls: StackUrls) -> str:
         """The startup banner: where everything is, and how it is configured."""
         s = self.settings
+        cfg = self.config
         assert s is not None
         if not s.openai_api_key:
             model = "offline stand-in model (OPENAI_API_KEY is not set)"
@@ -682,44 +934,63 @@ class Stack:
             model = f"{s.model} at {s.openai_base_url}"
         else:
             model = f"{s.model} (OpenAI)"
-        key_note = (
-            "the documented local default (set REJOIN_TOKEN_SECRET to change it)"
-            if self.config.signing_key == DEFAULT_SIGNING_KEY
-            else "from REJOIN_TOKEN_SECRET"
-        )
-        admin = (
-            f"{DEFAULT_ADMIN_KEY} (local default)"
-            if s.admin_key == DEFAULT_ADMIN_KEY
-            else "from REJOIN_ADMIN_KEY"
-        )
+
+        def origin(value: str, default: str, name: str) -> str:
+            if name in self.generated:
+                return "generated for this run"
+            return "the documented local default" if value == default else f"from {name}"
+
+        client = "bash scripts/dev.sh client"
+        if urls.ws != DEFAULT_WS_URL:
+            client += f" --url {urls.ws}"
+        if "REJOIN_TOKEN_SECRET" in self.generated:
+            client = f"REJOIN_TOKEN_SECRET={cfg.signing_key} {client}"
         lines = [
             "rejoin local stack is up",
-            f"  chat page       {urls.http}/   (pick a session and a name)",
-            f"  join link       {urls.join('demo')}",
+            f"  chat page       {urls.page(cfg.admin_key)}",
+            "                  (open this link: it carries the local admin key, kept by the page)",
+            f"  invite link     {urls.join('demo', invite=self.invite('demo'))}",
+            "                  (for a second person: joins session 'demo' only)",
             f"  WebSocket       {urls.ws}?session=<id>&token=<jwt>",
             f"  HTTP API        {urls.api}/   (docs: {urls.api}/docs)"
             + ("" if self.api_loaded else "   [functions/api missing: 503]"),
-            f"  @connections    {urls.http}/@connections/{{id}}",
+            f"  @connections    {urls.http}/@connections/{{id}}   (signed with the admin key)",
             f"  Upstash REST    {urls.upstash}   ({self.upstash_backend}, "
-            f"token {self.config.upstash_token})",
+            f"token {cfg.upstash_token})",
             f"  model           {model}",
-            f"  grace {s.grace_seconds} s, cleanup every {self.config.cleanup_interval:g} s, "
-            f"idle timeout {self.config.idle_timeout:g} s, reply mode {s.reply_mode}",
-            f"  token key       {key_note}",
-            f"  admin key       {admin}",
-            "  terminal client: bash scripts/dev.sh client --session demo --name Ada",
+            f"  grace {s.grace_seconds} s, cleanup every {cfg.cleanup_interval:g} s, "
+            f"idle timeout {cfg.idle_timeout:g} s, reply mode {s.reply_mode}",
+            "  token key       "
+            + origin(cfg.signing_key, DEFAULT_SIGNING_KEY, "REJOIN_TOKEN_SECRET"),
+            f"  admin key       {cfg.admin_key} ("
+            + origin(cfg.admin_key, DEFAULT_ADMIN_KEY, "REJOIN_ADMIN_KEY")
+            + ")",
+            f"  terminal client {client} --session demo --name Ada",
             "Press Ctrl-C to stop.",
         ]
-        if self.config.host not in ("127.0.0.1", "localhost", "::1"):
-            lines.insert(
-                1,
-                f"  WARNING: listening on {self.config.host}: anyone who reaches it "
-                "can mint tokens through /local/token",
-            )
+        if not cfg.loopback:
+            warning = [
+                f"  WARNING: listening on {cfg.host}, not only on this machine: anyone who can",
+                "  reach it can load the page and try to connect. Share invite links, never the",
+                "  page link (it carries the admin key). From another machine use this machine's",
+                f"  address instead of {urls.http.split('//')[1].rsplit(':', 1)[0]}.",
+            ]
+            if self.generated:
+                warning.append(
+                    "  Documented default keys are not used when exposed; generated for this run: "
+                    + ", ".join(self.generated)
+                    + " (set them to keep them across runs)."
+                )
+            lines[1:1] = warning
         return "\n".join(lines)
 
     def run(self) -> int:
-        """Serve in the foreground until Ctrl-C (or SIGTERM); stop cleanly."""
+        """Serve in the foreground until Ctrl-C (or SIGTERM); stop cleanly.
+
+        Listening beyond loopback, documented default secrets are replaced by
+        random ones first (:meth:`StackConfig.hardened`).
+        """
+        self.config, self.generated = self.config.hardened()
         cfg = self.config
         try:
             sock = bind(cfg.host, cfg.port)
@@ -779,7 +1050,12 @@ def _parser() -> argparse.ArgumentParser:
         description="Run the whole rejoin stack on this machine: Upstash-compatible endpoint, "
         "WebSocket gateway, HTTP API, turn worker, cleanup and the chat page.",
     )
-    p.add_argument("--host", help="interface to bind (env REJOIN_HOST, default 127.0.0.1)")
+    p.add_argument(
+        "--host",
+        help="interface to bind (env REJOIN_HOST, default 127.0.0.1: this machine only); "
+        "any other exposes the stack: a warning is printed and default keys are replaced "
+        "by random ones for the run",
+    )
     p.add_argument("--port", type=int, help="gateway/page/API port (env REJOIN_PORT, default 8080)")
     p.add_argument(
         "--upstash-port",

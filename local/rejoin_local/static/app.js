@@ -6,18 +6,36 @@
 // replay after a drop shows exactly the missed events once. A welcome with a
 // new epoch means the old session ended while we were away: the page says so
 // and shows the fresh session.
+//
+// Credentials (see rejoin_local.stack): the page link `make dev` prints
+// carries the local admin key in its fragment (#key=...), an invite link a
+// session-scoped invite (#invite=...). Both are moved into localStorage and
+// removed from the address bar; tokens are minted with them through
+// /local/token. This browser keeps one random secret; the server derives the
+// user id from it, the session and the name, so one person is one participant
+// across tabs and reloads.
+//
+// Messages go out one at a time, in the order typed: the next is sent when
+// the previous one is acknowledged (handlers run concurrently, so only this
+// keeps the order), and a message is sent again (same id) after a reconnect
+// or once a rate limit's retry_after has passed.
 (() => {
   "use strict";
 
   const $ = (id) => document.getElementById(id);
   const params = new URLSearchParams(location.search);
-  const storage = (() => {
+  const tabStore = (() => {
     try { return window.sessionStorage; } catch (_) { return null; }
+  })();
+  const store = (() => {
+    try { return window.localStorage; } catch (_) { return null; }
   })();
 
   const SESSION_RE = /^[A-Za-z0-9_-]{1,128}$/;
   const KEEPALIVE_MS = 4 * 60 * 1000; // well inside API Gateway's 10-minute idle timeout
   const LOGGED = new Set(["message", "presence", "agent_message"]);
+  const DEFAULT_MAX_TEXT = 4000; // until the welcome says otherwise (welcome.limits.max_text)
+  const AGENT_ID = "\u0000agent"; // the agent's entry in the People list (no user id can be this)
 
   const state = {
     session: null,
@@ -31,7 +49,9 @@
     participants: new Map(), // user -> {user, name, status}
     streams: new Map(), // turn -> Map(index -> text)
     finishedTurns: new Set(),
-    pending: new Map(), // say id -> {text, acked}
+    pending: new Map(), // say id -> {text, acked}, in the order typed
+    inflight: null, // the say id sent and not yet answered (one at a time keeps the order)
+    pauseTimer: null, // set while a rate limit's retry_after runs
     parts: new Map(), // part id -> {count, data: []}
     ws: null,
     opened: false,
@@ -46,6 +66,9 @@
     endedByServer: null,
     lastEndReason: null,
     agent: null,
+    maxText: DEFAULT_MAX_TEXT,
+    diagnosis: null, // why the last handshake failed: "unreachable" | "refused"
+    invite: null,
     mode: null,
     graceSeconds: null,
     lastSentAt: 0,
@@ -62,30 +85,88 @@
 
   // ------------------------------------------------------------------ joining
 
-  function storageKey(session) { return "rejoin:" + session; }
+  function load(key, fallback) {
+    if (!store) return fallback;
+    try { return JSON.parse(store.getItem(key) || "null") ?? fallback; } catch (_) { return fallback; }
+  }
+
+  function save(key, value) {
+    if (!store) return;
+    try { store.setItem(key, JSON.stringify(value)); } catch (_) { /* private mode: fine */ }
+  }
+
+  // Credentials from the link's fragment, moved into storage and off the address bar.
+  function takeFragment() {
+    const hash = new URLSearchParams(location.hash.replace(/^#/, ""));
+    const key = hash.get("key");
+    const invite = hash.get("invite");
+    const session = params.get("session");
+    if (key) save("rejoin:admin-key", key);
+    if (invite && session && SESSION_RE.test(session)) save("rejoin:invite:" + session, invite);
+    if (key || invite) history.replaceState(null, "", location.pathname + location.search);
+  }
+
+  function adminKey() { return load("rejoin:admin-key", null); }
+  function inviteFor(session) { return load("rejoin:invite:" + session, null); }
+
+  function deviceSecret() {
+    let secret = load("rejoin:device", null);
+    if (!secret) {
+      secret = randomId("d", 16);
+      save("rejoin:device", secret);
+    }
+    return secret;
+  }
+
+  // This browser's identities in a session: name -> {user, token}; plus the last name used.
+  function identities(session) { return load("rejoin:ids:" + session, { last: null, names: {} }); }
 
   function remember() {
-    if (!storage) return;
+    const ids = identities(state.session);
+    if (state.name) {
+      ids.names[state.name] = { user: state.user, token: state.minted ? state.token : null };
+      ids.last = state.name;
+      save("rejoin:ids:" + state.session, ids);
+    }
+    if (tabStore) {
+      try { tabStore.setItem("rejoin:tab:" + state.session, state.name || ""); } catch (_) { /* fine */ }
+    }
+  }
+
+  function tabName(session) {
+    if (!tabStore) return null;
+    try { return tabStore.getItem("rejoin:tab:" + session) || null; } catch (_) { return null; }
+  }
+
+  class MintError extends Error {
+    constructor(message, status) { super(message); this.status = status; }
+  }
+
+  async function mint(session, name) {
+    const key = adminKey();
+    const invite = inviteFor(session);
+    if (!key && !invite) {
+      throw new MintError("this page needs the link `make dev` printed (it carries the local key), " +
+        "or an invite link for this session", 401);
+    }
+    let response;
     try {
-      storage.setItem(storageKey(state.session), JSON.stringify({
-        token: state.token, name: state.name, user: state.user, minted: state.minted,
-      }));
-    } catch (_) { /* private mode: fine */ }
-  }
-
-  function recall(session) {
-    if (!storage) return null;
-    try { return JSON.parse(storage.getItem(storageKey(session)) || "null"); } catch (_) { return null; }
-  }
-
-  async function mint(session, name, user) {
-    const response = await fetch("/local/token", {
-      method: "POST",
-      headers: { "Content-Type": "application/json" },
-      body: JSON.stringify({ session, name, user: user || undefined }),
-    });
+      response = await fetch("/local/token", {
+        method: "POST",
+        headers: {
+          "Content-Type": "application/json",
+          Authorization: key ? "Bearer " + key : "Invite " + invite,
+        },
+        body: JSON.stringify({ session, name, secret: deviceSecret() }),
+      });
+    } catch (_) {
+      throw new MintError("cannot reach the server at " + location.host + " (is `make dev` running?)", 0);
+    }
     const body = await response.json().catch(() => ({}));
-    if (!response.ok) throw new Error(body.detail || body.message || ("HTTP " + response.status));
+    if (!response.ok) {
+      throw new MintError(body.detail || body.message || ("HTTP " + response.status), response.status);
+    }
+    if (body.invite) save("rejoin:invite:" + session, body.invite);
     return body;
   }
 
@@ -99,28 +180,41 @@
     $("chat").hidden = true;
     $("join").hidden = false;
     const session = params.get("session");
-    $("join-session").value = session && SESSION_RE.test(session) ? session : randomId("room-", 3);
+    const valid = session && SESSION_RE.test(session);
+    $("join-session").value = valid ? session : randomId("room-", 3);
+    const last = valid ? identities(session).last : null;
     if (params.get("name")) $("join-name").value = params.get("name");
+    else if (last && !$("join-name").value) $("join-name").value = last;
+    $("join-again").hidden = !last;
+    if (last) $("join-again").textContent = "You joined this session as " + last +
+      " in this browser: the same name continues as the same person.";
     const err = $("join-error");
-    err.hidden = !errorText;
-    err.textContent = errorText || "";
+    const missing = !adminKey() && !(valid && inviteFor(session));
+    const text = errorText || (missing
+      ? "This page needs the link `make dev` printed (it carries the local key), or an invite link."
+      : "");
+    err.hidden = !text;
+    err.textContent = text;
     ($("join-name").value ? $("join-session") : $("join-name")).focus();
   }
 
   async function joinWithName(session, name) {
-    const saved = recall(session);
-    const grant = await mint(session, name, saved && saved.name === name ? saved.user : null);
-    state.session = grant.session;
-    state.token = grant.token;
-    state.name = grant.name;
-    state.user = grant.user;
-    state.minted = true;
+    const known = identities(session).names[name];
+    state.session = session;
+    state.name = name;
+    if (known && known.token) {
+      Object.assign(state, { token: known.token, user: known.user, minted: true });
+    } else {
+      const grant = await mint(session, name);
+      Object.assign(state, { token: grant.token, name: grant.name, user: grant.user, minted: true });
+    }
     remember();
     history.replaceState(null, "", "/join?session=" + encodeURIComponent(session));
     startChat();
   }
 
   async function boot() {
+    takeFragment();
     const session = params.get("session");
     if (session && !SESSION_RE.test(session)) {
       showJoin("That session id is not valid: use 1-128 letters, digits, _ or -.");
@@ -133,17 +227,10 @@
       return;
     }
     if (session) {
-      const saved = recall(session);
-      const wanted = params.get("name");
-      if (saved && saved.token && (!wanted || wanted === saved.name)) {
-        Object.assign(state, { session, token: saved.token, name: saved.name, user: saved.user,
-          minted: !!saved.minted });
-        startChat();
-        return;
-      }
-      if (params.get("name")) {
+      const wanted = params.get("name") || tabName(session);
+      if (wanted) {
         try {
-          await joinWithName(session, params.get("name"));
+          await joinWithName(session, wanted);
         } catch (exc) {
           showJoin("Could not get a token: " + exc.message);
         }
@@ -173,13 +260,36 @@
     $("join").hidden = true;
     $("chat").hidden = false;
     $("session-name").textContent = state.session;
+    $("session-name").title = state.session;
     document.title = state.session + " - rejoin";
-    const invite = location.origin + "/join?session=" + encodeURIComponent(state.session);
-    $("invite-link").href = invite;
-    $("invite-link").textContent = invite;
+    showInvite();
     connect();
+    updateCounter();
     $("text").focus();
   }
+
+  // The link for a second person: the session's invite, never the admin key.
+  function showInvite() {
+    const invite = inviteFor(state.session);
+    const link = location.origin + "/join?session=" + encodeURIComponent(state.session) +
+      (invite ? "#invite=" + invite : "");
+    $("invite-link").href = link;
+    $("invite-link").textContent = link;
+    $("invite-note").textContent = invite
+      ? "joins this session only"
+      : "the other person needs their own token or invite";
+  }
+
+  $("invite-copy").addEventListener("click", async () => {
+    const link = $("invite-link").href;
+    try {
+      await navigator.clipboard.writeText(link);
+      $("invite-copy").textContent = "Copied";
+    } catch (_) {
+      window.prompt("Copy the invite link:", link);
+    }
+    setTimeout(() => { $("invite-copy").textContent = "Copy invite link"; }, 2000);
+  });
 
   // --------------------------------------------------------------- connection
 
@@ -196,6 +306,7 @@
       connecting: "connecting...",
       reconnecting: "reconnecting...",
       open: "connected",
+      leaving: "leaving...",
       left: "left",
       ended: "session ended",
     };
@@ -203,6 +314,7 @@
     el.textContent = labels[status] || status;
     el.className = "status status-" + status;
     updateComposer();
+    if (state.session) renderParticipants();
   }
 
   function connect() {
@@ -255,6 +367,7 @@
     const wasOpen = state.opened;
     state.opened = false;
     state.welcomed = false;
+    state.inflight = null; // sent again after the next welcome
     if (state.left) {
       setStatus("left");
       return;
@@ -266,14 +379,37 @@
     if (!wasOpen) state.refusals += 1;
     state.attempts += 1;
     setStatus("reconnecting");
-    if (state.refusals >= 3) {
-      showError("connect", "The server refused the connection (is the link's token valid?). Still trying.");
-    }
     if (event && event.code === 1009) {
       showError("too_large", "The connection was closed: a message was too large.");
     }
     if (state.hold) return;
-    scheduleReconnect();
+    if (wasOpen) {
+      state.diagnosis = null;
+      scheduleReconnect();
+    } else {
+      diagnose().then(() => scheduleReconnect());
+    }
+  }
+
+  // A failed handshake shows no HTTP status to a page: ask the server whether
+  // it is there at all, to tell "unreachable" from "refused the token".
+  async function diagnose() {
+    let reachable = true;
+    try {
+      await fetch("/", { method: "HEAD", cache: "no-store" });
+    } catch (_) {
+      reachable = false;
+    }
+    state.diagnosis = reachable ? "refused" : "unreachable";
+    clearErrors("connect");
+    if (!reachable) {
+      showError("connect", "Cannot reach the server at " + location.host +
+        " (is `make dev` still running?). Retrying.", true);
+    } else if (!state.minted || state.refusals >= 2) {
+      showError("connect", "The server refused the connection: the token was not accepted " +
+        "(expired, for another session, revoked, or signed with another key)." +
+        (state.minted ? " Getting a new one failed too; open a fresh invite link." : ""), true);
+    }
   }
 
   function scheduleReconnect(delay) {
@@ -282,13 +418,21 @@
       : Math.min(10000, 250 * Math.pow(2, Math.min(state.attempts - 1, 6)));
     state.reconnectTimer = setTimeout(async () => {
       state.reconnectTimer = null;
-      if (state.minted && state.refusals >= 2) {
-        // A locally minted token may have expired: mint a fresh one for the same user.
+      if (state.minted && state.diagnosis === "refused") {
+        // A locally minted token may have expired or the stack's key changed:
+        // mint a fresh one for the same person (same browser secret, same id).
         try {
-          const grant = await mint(state.session, state.name, state.user);
+          const grant = await mint(state.session, state.name);
           state.token = grant.token;
+          state.user = grant.user;
           remember();
-        } catch (_) { /* try again with the old one */ }
+          showInvite();
+        } catch (exc) {
+          if (exc.status === 401 || exc.status === 403) {
+            clearErrors("connect");
+            showError("connect", "Could not get a new token: " + exc.message, true);
+          }
+        }
       }
       connect();
     }, wait);
@@ -316,6 +460,7 @@
     logFrame("in", frame);
     if (frame.type === "part") { onPart(frame); return; }
     if (frame.type === "welcome") { onWelcome(frame); return; }
+    if (frame.type === "replay") { onReplay(frame); return; }
     if (!state.welcomed && (LOGGED.has(frame.type) || frame.type === "agent_delta")) {
       // A live frame that overtook the welcome: apply it after the welcome.
       state.preWelcome.push(frame);
@@ -338,6 +483,9 @@
         break;
       case "ended":
         onEnded(frame);
+        break;
+      case "left":
+        onLeft();
         break;
       case "error":
         onError(frame);
@@ -387,6 +535,10 @@
     }
     state.epoch = w.epoch;
     state.graceSeconds = w.grace_seconds || state.graceSeconds;
+    const limits = w.limits || {};
+    state.maxText = Number.isInteger(limits.max_text) && limits.max_text > 0
+      ? limits.max_text : DEFAULT_MAX_TEXT;
+    updateCounter();
     state.mode = w.mode || state.mode;
     if (w.you) {
       state.user = w.you.user;
@@ -411,13 +563,20 @@
     state.welcomed = true;
     state.attempts = 0;
     state.refusals = 0;
+    state.diagnosis = null;
     clearErrors("connect");
     setStatus("open");
     const early = state.preWelcome;
     state.preWelcome = [];
     for (const frame of early) handleFrame(frame);
-    // Messages sent while disconnected (or not yet acknowledged): ids make retries safe.
-    for (const [id, say] of state.pending) sendRaw({ action: "say", id, text: say.text });
+    // Messages typed while disconnected (or not yet acknowledged) go out now, in order.
+    state.inflight = null;
+    pump();
+    render();
+  }
+
+  function onReplay(frame) {
+    for (const e of frame.events || []) addEvent(e, false);
     render();
   }
 
@@ -454,11 +613,14 @@
 
   function onAck(a) {
     const say = state.pending.get(a.id);
-    if (!say) return;
-    const logged = state.events.get(a.seq);
-    if (logged && logged.type === "message" && logged.id === a.id) state.pending.delete(a.id);
-    else say.acked = true;
-    renderLive();
+    if (a.id === state.inflight) state.inflight = null;
+    if (say) {
+      const logged = state.events.get(a.seq);
+      if (logged && logged.type === "message" && logged.id === a.id) state.pending.delete(a.id);
+      else say.acked = true;
+      renderLive();
+    }
+    pump();
   }
 
   function onEnded(frame) {
@@ -473,35 +635,61 @@
   function onError(frame) {
     const code = frame.code || "internal";
     let text = frame.message || code;
-    if (code === "rate_limited" && frame.retry_after) {
-      text += " (retrying in " + Math.ceil(frame.retry_after) + " s)";
-      const say = frame.id && state.pending.get(frame.id);
-      if (say) {
-        setTimeout(() => {
-          if (state.pending.has(frame.id)) sendRaw({ action: "say", id: frame.id, text: say.text });
-        }, Math.ceil(frame.retry_after * 1000));
+    const mine = frame.id && state.pending.has(frame.id);
+    if (code === "rate_limited") {
+      const wait = Math.max(0.1, Number(frame.retry_after) || 1);
+      text = "Sending too fast: waiting " + Math.ceil(wait) + " s, then sending the rest in order.";
+      if (frame.id) {
+        // Paused: this message and every later one wait, then go out in typed order.
+        if (frame.id === state.inflight) state.inflight = null;
+        clearTimeout(state.pauseTimer);
+        state.pauseTimer = setTimeout(() => { state.pauseTimer = null; pump(); }, wait * 1000);
+      } else if (!state.welcomed) {
+        setTimeout(() => { if (state.ws && state.opened && !state.welcomed) sendResume(); }, wait * 1000);
       }
     } else if (code === "not_joined") {
+      if (frame.id === state.inflight) state.inflight = null;
       sendResume();
     } else if (code === "session_gone") {
       text = "The session is gone; reconnecting starts a fresh one.";
       if (state.ws) state.ws.close(4001, "session gone");
     } else if (code === "turn_failed") {
       text = "The agent's reply failed; it is retried automatically.";
-    } else if (frame.id && state.pending.has(frame.id)) {
+    } else if (code === "turn_not_queued" && mine) {
+      // Stored, but the agent was not told: the same say (same id) queues it again.
+      text = "The agent was not reached; sending again.";
+      if (frame.id === state.inflight) state.inflight = null;
+      clearTimeout(state.pauseTimer);
+      state.pauseTimer = setTimeout(() => { state.pauseTimer = null; pump(); }, 1000);
+    } else if (mine) {
       state.pending.delete(frame.id); // refused: it will never be logged
+      if (frame.id === state.inflight) state.inflight = null;
+      text = "Not sent: " + text;
       renderLive();
+      pump();
     }
     showError(code, text);
   }
 
   // ------------------------------------------------------------------ actions
 
+  function codePoints(text) { return Array.from(text).length; }
+
   function say(text) {
     const id = randomId("c-", 8);
     state.pending.set(id, { text, acked: false });
-    if (state.welcomed) sendRaw({ action: "say", id, text });
+    pump();
     renderLive();
+  }
+
+  // Sends the oldest unacknowledged message, if none is in flight.
+  function pump() {
+    if (!state.welcomed || state.inflight || state.pauseTimer) return;
+    for (const [id, entry] of state.pending) {
+      if (entry.acked) continue;
+      if (sendRaw({ action: "say", id, text: entry.text })) state.inflight = id;
+      return;
+    }
   }
 
   $("composer").addEventListener("submit", (event) => {
@@ -509,8 +697,13 @@
     const box = $("text");
     const text = box.value.trim();
     if (!text || state.left || state.endedByServer) return;
+    if (codePoints(text) > state.maxText) {
+      updateCounter(true);
+      return; // kept in the box, never cut: the counter says by how much it is over
+    }
     say(text);
     box.value = "";
+    updateCounter();
     box.focus();
   });
 
@@ -521,15 +714,43 @@
     }
   });
 
+  $("text").addEventListener("input", () => updateCounter());
+
+  function updateCounter(flash) {
+    const count = codePoints($("text").value.trim());
+    const over = count - state.maxText;
+    const el = $("counter");
+    el.textContent = over > 0
+      ? count.toLocaleString("en") + " / " + state.maxText.toLocaleString("en") +
+        ": " + over.toLocaleString("en") + " too many"
+      : count.toLocaleString("en") + " / " + state.maxText.toLocaleString("en");
+    el.className = "counter" + (over > 0 ? " over" : count > state.maxText * 0.9 ? " near" : "") +
+      (flash ? " flash" : "");
+    el.dataset.count = String(count);
+    el.dataset.max = String(state.maxText);
+    $("send").disabled = over > 0 || state.left || !!state.endedByServer;
+  }
+
   $("leave").addEventListener("click", () => {
     state.left = true;
-    sendRaw({ action: "leave" });
-    if (state.ws) state.ws.close(1000, "left");
-    else setStatus("left");
     clearTimeout(state.reconnectTimer);
     $("left-text").textContent = "You left the session.";
     $("left").hidden = false;
+    if (state.ws && sendRaw({ action: "leave" })) {
+      // The server answers `left` and closes; close ourselves only if it does not.
+      setStatus("leaving");
+      const ws = state.ws;
+      setTimeout(() => { if (state.ws === ws) ws.close(1000, "left"); }, 5000);
+    } else {
+      if (state.ws) state.ws.close(1000, "left");
+      setStatus("left");
+    }
   });
+
+  function onLeft() {
+    if (state.ws) state.ws.close(1000, "left");
+    setStatus("left");
+  }
 
   $("rejoin").addEventListener("click", () => {
     state.left = false;
@@ -542,12 +763,14 @@
 
   function updateComposer() {
     const blocked = state.left || !!state.endedByServer;
-    $("send").disabled = blocked;
     $("leave").disabled = blocked;
     $("composer").hidden = blocked;
+    updateCounter();
   }
 
   // ---------------------------------------------------------------- rendering
+
+  function agentName() { return (state.agent && state.agent.name) || "agent"; }
 
   function showAgent(agent) {
     state.agent = { ...agent };
@@ -571,7 +794,7 @@
     notice.hidden = false;
   }
 
-  function showError(code, text) {
+  function showError(code, text, sticky) {
     const box = $("errors");
     const el = document.createElement("div");
     el.className = "error";
@@ -579,7 +802,7 @@
     el.textContent = text;
     box.appendChild(el);
     while (box.children.length > 3) box.removeChild(box.firstChild);
-    setTimeout(() => el.remove(), 8000);
+    if (!sticky) setTimeout(() => el.remove(), 8000);
   }
 
   function clearErrors(code) {
@@ -609,7 +832,7 @@
     if (e.type === "agent_message") li.dataset.turn = e.turn;
     const meta = document.createElement("div");
     meta.className = "meta";
-    meta.textContent = (e.type === "agent_message" ? "agent" : (e.name || e.user)) +
+    meta.textContent = (e.type === "agent_message" ? agentName() : displayName(e.user, e.name)) +
       (e.ts ? " \u00b7 " + formatTime(e.ts) : "");
     const bubble = document.createElement("div");
     bubble.className = "bubble";
@@ -630,26 +853,58 @@
     }
   }
 
+  // Two people may pick the same name: then each also shows the end of their id.
+  function displayName(user, name) {
+    const shown = name || user;
+    let same = 0;
+    for (const p of state.participants.values()) if ((p.name || p.user) === shown) same += 1;
+    return same > 1 && user ? shown + " \u00b7 " + String(user).slice(-4) : shown;
+  }
+
+  // Your own entry tells the truth about this page's connection, not the
+  // last status the server reported.
+  function ownStatus(serverStatus) {
+    switch (state.status) {
+      case "open": return serverStatus;
+      case "connecting":
+      case "reconnecting": return "reconnecting";
+      case "leaving":
+      case "left": return "left";
+      case "ended": return "ended";
+      default: return "offline";
+    }
+  }
+
   function renderParticipants() {
     const list = $("participants");
     list.replaceChildren();
-    const people = Array.from(state.participants.values());
-    const order = { active: 0, away: 1, left: 2 };
+    const people = Array.from(state.participants.values()).map((p) =>
+      (p.user === state.user ? { ...p, status: ownStatus(p.status) } : p));
+    if (state.user && !state.participants.has(state.user) && state.name) {
+      people.push({ user: state.user, name: state.name, status: ownStatus("active") });
+    }
+    const order = { active: 0, reconnecting: 1, away: 1, left: 2, ended: 2, offline: 2 };
     people.sort((a, b) => (order[a.status] ?? 3) - (order[b.status] ?? 3) ||
       String(a.name).localeCompare(String(b.name)));
+    if (state.agent) {
+      people.unshift({ user: AGENT_ID, name: agentName(), status: "agent" });
+    }
     for (const p of people) {
       const li = document.createElement("li");
       li.className = "person presence-" + p.status;
-      li.dataset.user = p.user;
+      li.dataset.user = p.user === AGENT_ID ? "" : p.user;
       li.dataset.status = p.status;
+      if (p.user === AGENT_ID) li.dataset.agent = "true";
       const dot = document.createElement("span");
       dot.className = "presence-dot";
       const who = document.createElement("span");
       who.className = "who";
-      who.textContent = p.name || p.user;
+      who.textContent = p.user === AGENT_ID ? p.name : displayName(p.user, p.name);
       const label = document.createElement("span");
       label.className = "presence-label";
-      label.textContent = p.status;
+      label.textContent = p.user === AGENT_ID
+        ? (state.agent.offline ? "agent, offline model" : "agent")
+        : p.status;
       li.append(dot, who);
       if (p.user === state.user) {
         const you = document.createElement("span");
@@ -699,7 +954,7 @@
       li.dataset.turn = turn;
       const meta = document.createElement("div");
       meta.className = "meta";
-      meta.textContent = "agent \u00b7 typing";
+      meta.textContent = agentName() + " \u00b7 typing";
       const bubble = document.createElement("div");
       bubble.className = "bubble";
       bubble.textContent = Array.from(deltas.keys()).sort((a, b) => a - b)
@@ -713,7 +968,8 @@
       li.dataset.pending = id;
       const meta = document.createElement("div");
       meta.className = "meta";
-      meta.textContent = (state.name || "you") + " \u00b7 " + (say.acked ? "sent" : "sending...");
+      meta.textContent = (state.name || "you") + " \u00b7 " +
+        (say.acked ? "sent" : id === state.inflight ? "sending..." : "waiting to send");
       const bubble = document.createElement("div");
       bubble.className = "bubble";
       bubble.textContent = say.text;
@@ -748,6 +1004,13 @@
         return { seq, type: e.type, user: e.user, text: e.text, status: e.status, turn: e.turn, id: e.id };
       }),
       participants: Array.from(state.participants.values()).map((p) => ({ ...p })),
+      people: Array.from($("participants").children).map((li) => ({
+        user: li.dataset.user, status: li.dataset.status, agent: li.dataset.agent === "true",
+        text: li.querySelector(".who").textContent,
+      })),
+      maxText: state.maxText,
+      diagnosis: state.diagnosis,
+      inflight: state.inflight,
       streams: Array.from(state.streams.keys()),
       pending: Array.from(state.pending.keys()),
       welcomes: state.welcomes.map((w) => ({ ...w })),
