@@ -369,6 +369,12 @@ RULES: list[Rule] = [
     skip(r"python -m rejoin\.tokens", MENTION + " (README's `make token` runs it)",
          where="inline"),
     skip(r"pytest", MENTION + " (the README warns against a bare pytest)", where="inline"),
+    skip(r"make token", MENTION + " (the README's `TOKEN=$(make token ...)` runs it)",
+         where="inline"),
+    skip(r"python -m rejoin\.tokens --ttl \d+", MENTION + " (a case in the adversarial "
+         "list; tests/test_tokens.py runs it)", where="inline"),
+    skip(r"bash scripts/ensure-chromium\.sh", "installs Debian's Chromium (needs root and "
+         "the package mirror); `make test` runs it", where="inline"),
 ]  # fmt: skip
 
 
