@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import socket
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -282,11 +283,15 @@ async def test_offline_model_streams_word_by_word_with_a_delay(
     # GIVEN the offline model with a delay, and sleeps recorded instead of waited
     sleeps: list[float] = []
     real_sleep = asyncio.sleep
+    here = threading.get_ident()
 
     async def fake_sleep(seconds: float) -> None:
-        if seconds > 0:  # the SDK sleeps too, for 0 s
+        # Only this test's thread: a server an earlier test left running on
+        # another thread sleeps through the same (patched) module.
+        if seconds > 0 and threading.get_ident() == here:  # the SDK sleeps too, for 0 s
             sleeps.append(seconds)
-        await real_sleep(0)
+            seconds = 0
+        await real_sleep(seconds)
 
     monkeypatch.setattr(models.asyncio, "sleep", fake_sleep)
     agent = Agent(name="a", model=OfflineModel(delay=0.05))

@@ -67,7 +67,7 @@ def test_soak(upstash: Any, raw_redis: redis.Redis) -> None:
         agent=offline_agent(),
         upstash_timeout=0.3,
         event_log_size=100_000,  # nothing trimmed: every message can be checked
-        history_limit=0,
+        compact_at_tokens=0,  # every item stays, so every message can be checked
     )
     tally = Tally()
     try:

@@ -611,20 +611,35 @@ def current_time_tool() -> FunctionTool:
 _offline_warning_logged = False
 
 
-def build_model(*, api_key: str | None, model: str, base_url: str | None = None) -> Model:
+def build_model(
+    *,
+    api_key: str | None,
+    model: str,
+    base_url: str | None = None,
+    api: str | None = None,
+    timeout: float = 60.0,
+    max_retries: int = 2,
+) -> Model:
     """The model the turn worker runs. Makes no network call.
 
     Args:
         api_key: the OpenAI (or compatible) API key; None or empty selects
             the :class:`OfflineModel`.
         model: the model name, e.g. ``"gpt-4.1-mini"``.
-        base_url: an OpenAI-compatible server. Such servers usually speak
-            Chat Completions rather than Responses, so this selects the Chat
-            Completions model.
+        base_url: an OpenAI-compatible server (``OPENAI_BASE_URL``).
+        api: ``"responses"`` or ``"chat_completions"``; by default Responses
+            for OpenAI and Chat Completions with a ``base_url`` (what most
+            compatible servers speak).
+        timeout: seconds the client waits for an answer (per request).
+        max_retries: how often the client retries a 429, a 5xx or a timeout
+            by itself (honouring ``retry-after``), before the turn fails.
 
     Returns:
-        An :class:`OfflineModel`, an ``OpenAIChatCompletionsModel`` (with
-        ``base_url``) or an ``OpenAIResponsesModel``.
+        An :class:`OfflineModel`, an ``OpenAIChatCompletionsModel`` or an
+        ``OpenAIResponsesModel``.
+
+    Raises:
+        ValueError: ``api`` is not one of the two.
     """
     global _offline_warning_logged
     if not api_key:
@@ -632,7 +647,12 @@ def build_model(*, api_key: str | None, model: str, base_url: str | None = None)
             logger.warning("OPENAI_API_KEY is not set: using the offline stand-in model")
             _offline_warning_logged = True
         return OfflineModel()
-    client = AsyncOpenAI(api_key=api_key, base_url=base_url)
-    if base_url is not None:
+    chosen = api or ("chat_completions" if base_url is not None else "responses")
+    if chosen not in ("responses", "chat_completions"):
+        raise ValueError(f"api must be 'responses' or 'chat_completions', not {api!r}")
+    client = AsyncOpenAI(
+        api_key=api_key, base_url=base_url, timeout=timeout, max_retries=max_retries
+    )
+    if chosen == "chat_completions":
         return OpenAIChatCompletionsModel(model=model, openai_client=client)
     return OpenAIResponsesModel(model=model, openai_client=client)

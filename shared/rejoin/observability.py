@@ -64,6 +64,7 @@ METRICS: dict[str, str] = {
     "Turns": "an agent turn committed (reply stored and broadcast)",
     "TurnsStopped": "an agent turn stopped by a participant (partial answer kept)",
     "StopRequests": "a stop frame accepted",
+    "Compactions": "a long history's older part replaced by a summary (after a turn)",
     "TurnFailures": "an agent turn that failed; it wrote nothing (SQS retries it)",
     "TurnsDropped": "a turn discarded because its session was gone (expired or replaced)",
     "TurnsBusy": "a turn delivered while another turn of its session held the lease "

@@ -2,14 +2,21 @@
 
 A turn costs two store requests, whatever the number of tool rounds:
 
-1. ``begin_turn`` takes the session's turn lease and returns the history the
-   Runner reads (the message that asked for the turn is already in it: the
-   ``say`` transition put it there).
-2. The Runner runs on a :class:`TurnSession`: reads come from that history,
-   and the SDK's ``add_items`` calls (model output, tool calls and outputs)
-   are held in memory.
+1. ``begin_turn`` takes the session's turn lease and returns the history (the
+   message that asked for the turn is already in it: the ``say`` transition
+   put it there).
+2. The Runner runs on a :class:`TurnSession`: it reads a window of that
+   history that never splits a tool call from its output nor a reasoning
+   item from what it belongs to (:func:`rejoin.compaction.model_window`,
+   bounded in items and estimated tokens), and the SDK's ``add_items`` calls
+   (model output, tool calls and outputs) are held in memory.
 3. ``commit_turn`` writes those items and logs the agent's message in one
    atomic script, once (a retried commit answers as the first).
+
+A long meeting's history is compacted after a turn that found it past a
+threshold: older items become one summary item (written with one more
+request, only when due); what participants see, the event log, keeps every
+message.
 
 A failed turn has written nothing, so there is nothing to roll back: its
 lease is released and the retry starts clean. No duplicated input, no tool
@@ -32,7 +39,8 @@ from typing import Any
 import agents
 from agents.memory import SessionSettings
 
-from .errors import RejoinError, SessionGone, StoreError, TurnBusy
+from .compaction import CompactionPolicy, ModelSummariser, compact, model_window
+from .errors import CompactionError, RejoinError, SessionGone, StoreError, TurnBusy
 from .fanout import publish
 from .frames import agent_delta_frame, error_frame
 from .models import build_model, make_current_time_tool
@@ -41,6 +49,7 @@ from .queue import TurnRequest
 from .rooms import RoomStore
 from .runtime import Runtime
 from .sender import ConnectionSender, broadcast
+from .session import UpstashSession
 
 __all__ = [
     "TurnSession",
@@ -134,7 +143,14 @@ def build_agent(rt: Runtime) -> agents.Agent[Any]:
     return agents.Agent(
         name=s.agent_name,
         instructions=s.agent_instructions,
-        model=build_model(api_key=s.openai_api_key, model=s.model, base_url=s.openai_base_url),
+        model=build_model(
+            api_key=s.openai_api_key,
+            model=s.model,
+            base_url=s.openai_base_url,
+            api=s.model_api,
+            timeout=s.model_timeout_seconds,
+            max_retries=s.model_max_retries,
+        ),
         tools=[make_current_time_tool(clock=rt.clock)],
     )
 
@@ -250,15 +266,19 @@ async def run_turn(
     bind(session_id=turn.session_id)
     _tracing_once()
     rooms = rt.rooms()
+    s = rt.settings
     attempt = uuid.uuid4().hex
+    # Compaction plans over the history from its first item; without it only
+    # the latest part is read (a little more than the window needs).
+    read = 0 if s.compact_at_tokens or not s.history_max_items else s.history_max_items + 50
     try:
         start = await rooms.begin_turn(
             turn.session_id,
             turn.epoch,
             turn.turn_id,
             attempt,
-            rt.settings.turn_lease_seconds,
-            history_limit=rt.settings.history_limit,
+            s.turn_lease_seconds,
+            history_limit=read,
         )
     except SessionGone:
         logger.info("turn dropped: session gone", extra={"turn": turn.turn_id})
@@ -270,12 +290,17 @@ async def run_turn(
         count("TurnsBusy")
         raise TurnBusy(f"session {turn.session_id} is running another turn")
     sender = rt.sender()
-    session = TurnSession(turn.session_id, _decode_history(start.history))
+    history = _decode_history(start.history)
+    window = model_window(
+        history, limit=s.history_max_items or None, max_tokens=s.history_max_tokens or None
+    )
+    session = TurnSession(turn.session_id, window)
+    agent = agent or agent_for(rt)
     runner = _Stream(
         rooms, sender, turn, attempt, start.recipients, monotonic, poll or (POLL_FIRST, POLL_EVERY)
     )
     try:
-        reply, stopped = await runner.run(agent or agent_for(rt), session)
+        reply, stopped = await runner.run(agent, session)
         items = session.added
         if stopped:
             items = complete_items(items)
@@ -320,7 +345,45 @@ async def run_turn(
     else:
         count("Turns")
     await publish(rooms, sender, turn.session_id, recipients, event)
+    if s.compact_at_tokens:
+        await _compact(rt, turn, agent, history)
     return "stopped" if stopped else "done"
+
+
+async def _compact(
+    rt: Runtime, turn: TurnRequest, agent: agents.Agent[Any], history: list[Any]
+) -> None:
+    """Summarise the older part of a long history; best effort, after the answer."""
+    s = rt.settings
+    if not isinstance(agent.model, agents.Model):
+        return  # a model name the SDK resolves itself: nothing to summarise with
+    policy = CompactionPolicy(
+        max_tokens=s.compact_at_tokens,
+        keep_tokens=s.compact_keep_tokens,
+        max_items=None,
+        keep_items=None,
+    )
+    session = UpstashSession(
+        turn.session_id,
+        redis=rt.redis(),
+        key_prefix=s.key_prefix,
+        epoch=turn.epoch,
+        clock=rt.clock,
+    )
+    try:
+        result = await compact(
+            session, ModelSummariser(agent.model, max_words=s.summary_words), policy, items=history
+        )
+    except (CompactionError, StoreError) as exc:
+        # The history is unchanged; the next turn plans again.
+        log_failure("could not compact the history", exc, turn=turn.turn_id)
+        return
+    if result is not None and result.applied:
+        count("Compactions")
+        logger.info(
+            "history compacted",
+            extra={"summarised": len(result.plan.older), "kept": len(result.plan.kept)},
+        )
 
 
 class _Stream:
