@@ -491,6 +491,27 @@ class TestCluster:
         finally:
             await client.close()
 
+    async def test_an_unreachable_cluster_is_unavailable(self):
+        client = redis_client(f"redis+cluster://127.0.0.1:{closed_port()}", timeout=1.0)
+        with pytest.raises(StoreUnavailable, match="get_items: Redis unreachable"):
+            await RedisSession("nowhere", redis_client=client).get_items()
+
+    async def test_first_calls_of_a_fresh_client_run_concurrently(self, redis_cluster):
+        url = "redis+cluster://" + str(redis_cluster.url).split("://", 1)[1]
+        for attempt in range(5):
+            # GIVEN a new cluster client (its slot map not loaded yet)
+            client = redis_client(url, timeout=5.0)
+            session = RedisSession(f"fresh-{attempt}", redis_client=client)
+            try:
+                # WHEN 50 calls on one session start at once
+                await asyncio.gather(*(session.add_items([msg(str(n))]) for n in range(50)))
+                # THEN every one succeeded: none went to a wrong node while the map
+                # loaded (a MOVED makes redis-py rebuild its nodes and close the
+                # connections other calls are using)
+                assert len(await session.get_items()) == 50
+            finally:
+                await client.close()
+
     async def test_keys_in_two_slots_are_refused(self, redis_cluster):
         url = "redis+cluster://" + str(redis_cluster.url).split("://", 1)[1]
         client = redis_client(url, timeout=5.0)

@@ -230,6 +230,10 @@ def _redis_error(name: str, exc: Exception) -> Exception | None:
     if isinstance(exc, rx.SlotNotCoveredError):
         return StoreUnavailable(f"script {name}: Redis Cluster cannot serve the slot ({message})")
     if isinstance(exc, rx.RedisClusterException):
-        # Raised before anything is sent, e.g. keys that do not share one hash slot.
+        cause = exc.__cause__
+        if isinstance(cause, (rx.ConnectionError, rx.TimeoutError)):
+            # No node of the cluster could be reached to learn its slots.
+            return _redis_error(name, cause)
+        # Otherwise raised before anything is sent, e.g. keys in two hash slots.
         return StoreResponseError(f"script {name}: {message}")
     return StoreUnavailable(f"script {name}: Redis failed ({type(exc).__name__}: {message})")

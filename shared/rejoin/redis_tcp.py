@@ -157,6 +157,9 @@ class TcpRedisClient:
         )
         self._unbound = True  # the first client is bound to whichever loop uses it first
         self.is_cluster = isinstance(client, RedisCluster)
+        # Cluster clients whose slot map is loaded, and the locks that load them.
+        self._mapped: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._map_locks: weakref.WeakKeyDictionary[Any, asyncio.Lock] = weakref.WeakKeyDictionary()
         try:
             decodes = bool(client.get_encoder().decode_responses)
         except AttributeError:  # a client-like object: normalise every answer
@@ -181,12 +184,27 @@ class TcpRedisClient:
             self._by_loop[loop] = found
         return found
 
+    async def _ready(self) -> Any:
+        client = self.client
+        if self.is_cluster and client not in self._mapped:
+            # redis-py loads a cluster's slot map lazily, and commands sent
+            # concurrently while it loads can go to the wrong node; the MOVED
+            # that follows makes it rebuild its nodes, closing connections that
+            # other commands are using. Load the map once, before any command.
+            lock = self._map_locks.setdefault(client, asyncio.Lock())
+            async with lock:
+                if client not in self._mapped:
+                    await client.initialize()
+                    self._mapped.add(client)
+        return client
+
     async def eval(
         self, script: str, keys: list[str] | None = None, args: list[Any] | None = None
     ) -> Any:
         """``EVAL script numkeys key... arg...``, one round trip."""
         keys, args = keys or [], args or []
-        reply = await self.client.eval(_strip_upstash_flag(script), len(keys), *keys, *args)
+        client = await self._ready()
+        reply = await client.eval(_strip_upstash_flag(script), len(keys), *keys, *args)
         return self._normalise(reply)
 
     async def evalsha(
@@ -194,7 +212,8 @@ class TcpRedisClient:
     ) -> Any:
         """``EVALSHA sha numkeys key... arg...``, one round trip."""
         keys, args = keys or [], args or []
-        reply = await self.client.evalsha(sha1, len(keys), *keys, *args)
+        client = await self._ready()
+        reply = await client.evalsha(sha1, len(keys), *keys, *args)
         return self._normalise(reply)
 
     async def ping(self) -> bool:
