@@ -12,6 +12,10 @@ endpoint, with the real ``upstash_redis.asyncio.Redis`` client:
 3. ``get_items(limit=20)`` with 100,000 items stored against 20 (goal: <= 1.3).
 4. For reference, the SDK's own ``RedisSession`` (TCP, redis.asyncio) on the
    same Redis: latency, TCP round trips and Redis commands per call.
+5. Both of rejoin's transports on the same Redis: ``UpstashSession`` over
+   Upstash REST and ``rejoin.RedisSession`` over TCP (redis.asyncio): requests
+   (round trips) per method, warm and cold, and each method's latency against
+   a raw ``GET`` on the same transport, all interleaved in one run.
 """
 
 from __future__ import annotations
@@ -445,6 +449,9 @@ async def _run(endpoint: Endpoint, cmdstats: CommandStats, quick: bool) -> Repor
         report.data["reference"] = {
             name: summarize(v).__dict__ for name, v in (vs_get | vs_add).items()
         }
+        # ---------------------------------------------------------------- 5
+        await _transports(endpoint, cmdstats, client, report, rounds, warmup)
+
         for sess in (s, s20, s_add):
             await sess.clear_session()
         for r in (ref, ref20, ref_add):
@@ -456,6 +463,123 @@ async def _run(endpoint: Endpoint, cmdstats: CommandStats, quick: bool) -> Repor
         await ref_client.aclose()
         await pool.aclose()
     return report
+
+
+async def _transports(
+    endpoint: Endpoint,
+    cmdstats: CommandStats,
+    upstash: Any,
+    report: Report,
+    rounds: int,
+    warmup: int,
+) -> None:
+    """Section 5: UpstashSession (REST) and rejoin.RedisSession (TCP), side by side."""
+    from rejoin import RedisSession, UpstashSession, redis_client
+
+    tcp = redis_client(endpoint.redis_url, timeout=10.0, connection_class=_CountingConnection)
+    raw_key = "bench:raw-get"
+    await tcp.client.set(raw_key, "x" * 16)
+    batch = runner_items(2, start=1)
+    transports: dict[str, dict[str, Any]] = {
+        "Upstash REST": {
+            "make": lambda sid: UpstashSession(sid, redis=upstash),
+            "get": lambda: upstash.get(raw_key),
+            "lrange": lambda key: upstash.lrange(key, -20, -1),
+        },
+        "TCP (redis.asyncio)": {
+            "make": lambda sid: RedisSession(sid, redis_client=tcp),
+            "get": lambda: tcp.client.get(raw_key),
+            "lrange": lambda key: tcp.client.lrange(key, -20, -1),
+        },
+    }
+    counts_rows: list[list[Any]] = []
+    latency_rows: list[list[Any]] = []
+    data: dict[str, Any] = {}
+    try:
+        for transport, spec in transports.items():
+            tag = "rest" if transport.startswith("Upstash") else "tcp"
+            make = spec["make"]
+            s20, s_add, s_pop, s_rep, s_clear = (
+                make(f"bench-t-{tag}-{n}") for n in ("20", "add", "pop", "rep", "clear")
+            )
+            for sess in (s20, s_add, s_pop, s_rep, s_clear):
+                await sess.clear_session()
+            await s20.add_items(runner_items(20))
+            # Enough for every pop of the run to find an item.
+            await _fill(tcp.client, s_pop.keys.items, rounds + warmup + 10)
+            methods: dict[str, Callable[[], Awaitable[Any]]] = {
+                "get_items(limit=20)": lambda s20=s20: s20.get_items(limit=20),
+                "get_items() (20 stored)": lambda s20=s20: s20.get_items(),
+                "add_items (2 items)": lambda s_add=s_add: s_add.add_items(batch),
+                "pop_item": lambda s_pop=s_pop: s_pop.pop_item(),
+                "_atomic_replace_items (2 items)": lambda s_rep=s_rep: s_rep._atomic_replace_items(
+                    batch
+                ),
+                "clear_session": lambda s_clear=s_clear: s_clear.clear_session(),
+            }
+
+            async def requests(call: Callable[[], Awaitable[Any]], tag: str = tag) -> int:
+                if tag == "rest":
+                    endpoint.reset()
+                    await call()
+                    return int(endpoint.stats()["total_requests"])
+                before = _CountingConnection.sends
+                await call()
+                return _CountingConnection.sends - before
+
+            per: dict[str, Any] = {}
+            for name, call in methods.items():
+                await call()  # the script is cached, the connection open
+                warm = await requests(call)
+                cmdstats.script_flush()
+                cold = await requests(call)
+                per[name] = {"warm": warm, "cold": cold}
+            key20 = s20.keys.items
+            raws: dict[str, Callable[[], Awaitable[Any]]] = {
+                # What get_items(limit=20) does without the script and json.loads (info).
+                "raw LRANGE key -20 -1": lambda key20=key20, spec=spec: spec["lrange"](key20),
+                "raw GET": spec["get"],
+            }
+            for name, call in raws.items():
+                per[name] = {"warm": await requests(call), "cold": None}
+            samples = await interleave({**methods, **raws}, rounds=rounds, warmup=warmup)
+            base = samples["raw GET"]
+            for name, values in samples.items():
+                sm = summarize(values)
+                per[name]["median_ms"] = sm.median
+                per[name]["ratio_to_get"] = ratio(values, base)
+                latency_rows.append([transport, name, sm.median, sm.p90, ratio(values, base)])
+                counts = per[name]
+                counts_rows.append(
+                    [
+                        transport,
+                        name,
+                        counts["warm"],
+                        "-" if counts["cold"] is None else counts["cold"],
+                    ]
+                )
+            data[transport] = per
+            for sess in (s20, s_add, s_pop, s_rep, s_clear):
+                await sess.clear_session()
+        print_table(
+            "Requests (round trips) per method on each transport "
+            "(REST: HTTP requests at the endpoint; TCP: commands written on the connection)",
+            ["transport", "call", "requests (warm)", "requests (cold: after SCRIPT FLUSH)"],
+            counts_rows,
+        )
+        print_table(
+            f"Each method against a raw GET on the same transport "
+            f"({rounds} interleaved rounds; ms)",
+            ["transport", "call", "median ms", "p90 ms", "ratio to raw GET (medians)"],
+            latency_rows,
+        )
+        report.data["transports"] = data
+        for transport, per in data.items():
+            worst = max(v["warm"] for k, v in per.items() if not k.startswith("raw "))
+            report.goal(f"{transport}: requests per method, warm (worst method)", worst, 1)
+    finally:
+        await tcp.client.delete(raw_key)
+        await tcp.close()
 
 
 def run(endpoint: Endpoint, *, quick: bool) -> Report:

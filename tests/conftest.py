@@ -6,15 +6,22 @@
 - ``upstash`` (session): the Upstash-compatible endpoint in front of it;
   its faults are cleared after every test.
 - ``upstash_async`` / ``upstash_sync`` / ``raw_redis`` (function): clients.
+- ``redis_proxy`` (session): a RESP proxy in front of ``redis_url`` that counts
+  commands and injects faults over TCP; ``redis_cluster`` (session): a private
+  three-node Redis Cluster (skips the test where one cannot run).
+- ``store`` (function, parametrised ``upstash``/``tcp``/``cluster``): one
+  transport of the store, so a test written once runs on each.
 """
 
 from __future__ import annotations
 
 import os
 import secrets
+import tempfile
 import warnings
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -22,7 +29,9 @@ import redis
 from upstash_redis import Redis as UpstashSync
 from upstash_redis.asyncio import Redis as UpstashAsync
 
-from rejoin_local.redis_server import PrivateRedis, RedisStartError
+from rejoin import redis_client, upstash_client
+from rejoin_local.redis_proxy import RespProxy
+from rejoin_local.redis_server import PrivateRedis, PrivateRedisCluster, RedisStartError
 from rejoin_local.upstash_rest import Faults, Stats, create_app, serve
 
 # Clients built by the fixtures retry a lost response after this many seconds
@@ -161,3 +170,118 @@ def _flush_owned_redis(request: pytest.FixtureRequest) -> Iterator[None]:
             client.flushdb()
         finally:
             client.close()
+
+
+# --- the store on each transport ---------------------------------------------
+
+STORES = ("upstash", "tcp", "cluster")
+
+
+@pytest.fixture(scope="session")
+def redis_proxy(redis_url: str) -> Iterator[RespProxy]:
+    """A RESP proxy in front of the session Redis: TCP stats and faults."""
+    target = redis.connection.parse_url(redis_url)
+    with RespProxy(str(target.get("host", "127.0.0.1")), int(target.get("port", 6379))) as proxy:
+        yield proxy
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[PrivateRedisCluster]:
+    """A private Redis Cluster (three primaries); skips where it cannot run."""
+    why = PrivateRedisCluster.available()
+    if why is not None:
+        pytest.skip(f"no Redis Cluster here: {why}")
+    # Not under pytest's basetemp: another pytest run on the machine may prune
+    # that while this one runs, and a cluster node exits when it cannot save
+    # its nodes.conf.
+    with tempfile.TemporaryDirectory(prefix="rejoin-cluster-") as workdir:
+        cluster = PrivateRedisCluster(workdir)
+        try:
+            cluster.start()
+        except RedisStartError as exc:
+            pytest.fail(str(exc))
+        try:
+            yield cluster
+        finally:
+            cluster.stop()
+
+
+class ClusterInspector(redis.cluster.RedisCluster):
+    """A sync cluster client whose KEYS asks every primary (a test's view of all keys)."""
+
+    def keys(self, pattern: Any = "*", **kwargs: Any) -> Any:
+        kwargs.setdefault("target_nodes", self.PRIMARIES)
+        return super().keys(pattern, **kwargs)
+
+
+@dataclass
+class Store:
+    """One transport of the store under test.
+
+    Attributes:
+        name: ``upstash`` (REST through the local endpoint), ``tcp`` (redis.asyncio
+            through the RESP proxy) or ``cluster`` (redis.asyncio.cluster on a
+            three-node Redis Cluster, no proxy).
+        url: the URL ``rejoin.store_client`` takes for it.
+        token: the Upstash REST token (Upstash only).
+        raw: a sync redis-py client straight to the data (str replies), to check
+            what is stored.
+        stats: requests and commands as the server side saw them (None on the
+            cluster: its client talks to every node directly).
+        faults: fault injection (None on the cluster).
+    """
+
+    name: str
+    url: str
+    token: str | None
+    raw: Any
+    stats: Stats | None
+    faults: Faults | None
+
+    def client(self, timeout: float = 2.0, **kwargs: Any) -> Any:
+        """A fresh rejoin store client (retries after 10 ms, not 200 ms)."""
+        kwargs.setdefault("retry_interval", TEST_RETRY_INTERVAL)
+        if self.name == "upstash":
+            assert self.token is not None
+            return upstash_client(self.url, self.token, timeout=timeout, **kwargs)
+        return redis_client(self.url, timeout=timeout, **kwargs)
+
+    def require(self, what: str) -> None:
+        """Skip the test on a transport that lacks ``what`` (``stats`` or ``faults``)."""
+        if getattr(self, what) is None:
+            pytest.skip(f"the {self.name} store has no {what} here")
+
+
+@pytest.fixture(params=STORES)
+def store(
+    request: pytest.FixtureRequest,
+    redis_server: RedisServer,
+    upstash: UpstashEndpoint,
+    redis_proxy: RespProxy,
+) -> Iterator[Store]:
+    """The store on each transport in turn; the same test runs on all three."""
+    name: str = request.param
+    if name == "upstash":
+        raw = redis.Redis.from_url(redis_server.url, decode_responses=True)
+        yield Store(name, upstash.url, upstash.token, raw, upstash.stats, upstash.faults)
+        raw.close()
+        return
+    if name == "tcp":
+        raw = redis.Redis.from_url(redis_server.url, decode_responses=True)
+        redis_proxy.reset()
+        db = redis.connection.parse_url(redis_server.url).get("db", 0)
+        url = f"redis://127.0.0.1:{redis_proxy.port}/{db}"
+        try:
+            yield Store(name, url, None, raw, redis_proxy.stats, redis_proxy.faults)
+        finally:
+            redis_proxy.faults.clear()
+            raw.close()
+        return
+    cluster: PrivateRedisCluster = request.getfixturevalue("redis_cluster")
+    inspector = ClusterInspector.from_url(str(cluster.url), decode_responses=True)
+    url = "redis+cluster://" + str(cluster.url).split("://", 1)[1]
+    try:
+        yield Store(name, url, None, inspector, None, None)
+    finally:
+        inspector.close()
+        cluster.flush()

@@ -22,6 +22,8 @@ SECTIONS = [
     "Latency through the endpoint, same client",
     "get_items(limit=20) against history length",
     "Reference: the SDK's RedisSession over TCP",
+    "Requests (round trips) per method on each transport",
+    "Each method against a raw GET on the same transport",
     "## Rooms benchmark",
     "Per operation, two participants",
     "Broadcast, 20 ms per post",

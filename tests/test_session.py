@@ -1,7 +1,10 @@
-"""UpstashSession against a real Redis through the Upstash-compatible endpoint.
+"""The session store on every transport, against a real Redis.
 
-Every test uses the real ``upstash-redis`` async client; what is stored is
-checked directly in Redis with redis-py.
+Each test runs three times (the ``store`` fixture): ``UpstashSession`` with the
+real ``upstash-redis`` async client through the Upstash-compatible endpoint;
+``RedisSession`` with redis.asyncio over TCP through a RESP proxy (which counts
+round trips and injects faults); and ``RedisSession`` on a three-node Redis
+Cluster. What is stored is checked directly in Redis with redis-py.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from agents.testing import ScriptedModel
 from scripted import call as tool_call
 from scripted import script, words
 
-from rejoin import UpstashSession, upstash_client
+from rejoin import RedisSession, UpstashSession, upstash_client
 from rejoin.errors import (
     ConfigError,
     InvalidSessionId,
@@ -33,16 +36,35 @@ from rejoin.errors import (
 
 
 @pytest_asyncio.fixture
-async def client(upstash: Any) -> AsyncIterator[Any]:
-    c = upstash_client(upstash.url, upstash.token, timeout=2.0, retry_interval=0.01)
+async def client(store: Any) -> AsyncIterator[Any]:
+    c = store.client(timeout=2.0)
     yield c
     await c.close()
 
 
 @pytest.fixture
-def new_session(client: Any) -> Callable[..., UpstashSession]:
-    def make(session_id: str | None = None, **kwargs: Any) -> UpstashSession:
-        return UpstashSession(session_id or f"s-{uuid.uuid4().hex[:12]}", redis=client, **kwargs)
+def raw_redis(store: Any) -> Any:
+    """What is stored, read straight from Redis (a cluster-aware client on the cluster)."""
+    return store.raw
+
+
+def session_on(store: Any, client: Any, session_id: Any, **kwargs: Any) -> UpstashSession:
+    """The transport's session class: UpstashSession over REST, RedisSession over TCP."""
+    if store.name == "upstash":
+        return UpstashSession(session_id, redis=client, **kwargs)
+    if "ttl_seconds" in kwargs:  # RedisSession takes the SDK's name for it
+        kwargs["ttl"] = kwargs.pop("ttl_seconds")
+    return RedisSession(session_id, redis_client=client, **kwargs)
+
+
+_FRESH: Any = object()
+
+
+@pytest.fixture
+def new_session(store: Any, client: Any) -> Callable[..., UpstashSession]:
+    def make(session_id: Any = _FRESH, **kwargs: Any) -> UpstashSession:
+        sid = f"s-{uuid.uuid4().hex[:12]}" if session_id is _FRESH else session_id
+        return session_on(store, client, sid, **kwargs)
 
     return make
 
@@ -98,7 +120,7 @@ RUNNER_ITEMS: list[dict[str, Any]] = [
 
 class TestProtocol:
     async def test_is_an_agents_sdk_session(self, new_session: Callable[..., UpstashSession]):
-        # GIVEN an UpstashSession
+        # GIVEN a session (UpstashSession or RedisSession)
         session = new_session()
         # THEN the SDK's runtime-checkable protocol accepts it
         assert isinstance(session, Session)
@@ -139,11 +161,12 @@ class TestProtocol:
         await session.add_items([msg("user", "a"), msg("user", "b")])
         assert [i["content"] for i in await session.get_items()] == ["b"]
 
-    async def test_empty_add_sends_nothing(self, new_session, upstash):
+    async def test_empty_add_sends_nothing(self, new_session, store):
+        store.require("stats")
         session = new_session()
-        upstash.stats.reset()
+        store.stats.reset()
         await session.add_items([])
-        assert upstash.stats.snapshot()["total_requests"] == 0
+        assert store.stats.snapshot()["total_requests"] == 0
 
     async def test_pop_returns_latest_then_none(self, new_session, raw_redis):
         session = new_session()
@@ -193,7 +216,10 @@ class TestProtocol:
 
 
 class TestOneRequestPerMethod:
-    async def test_each_method_is_one_http_request(self, new_session, upstash):
+    async def test_each_method_is_one_request(self, new_session, store):
+        # One HTTP request to Upstash, one command on the TCP connection (a
+        # warm connection: no set-up commands, so the pool reused it).
+        store.require("stats")
         session = new_session()
         await session.add_items([msg("user", "warm")])  # caches the scripts
         await session.get_items(limit=1)
@@ -208,20 +234,22 @@ class TestOneRequestPerMethod:
             ("clear_session", session.clear_session()),
         ]
         for name, call in calls:
-            upstash.stats.reset()
+            store.stats.reset()
             await call
-            snap = upstash.stats.snapshot()
+            snap = store.stats.snapshot()
             assert snap["total_requests"] == 1, name
             assert snap["commands"] == {"EVALSHA": 1}, name
 
-    async def test_first_call_falls_back_to_eval(self, new_session, upstash, raw_redis):
-        # GIVEN Redis forgot every script (a new Upstash database, say)
-        raw_redis.script_flush()
+    async def test_first_call_falls_back_to_eval(self, new_session, store, raw_redis):
+        store.require("stats")
         session = new_session()
-        upstash.stats.reset()
+        await session.get_items()  # the connection is open (TCP)
+        # GIVEN Redis forgot every script (a new database, a failover, say)
+        raw_redis.script_flush()
+        store.stats.reset()
         await session.add_items([msg("user", "a")])
         # THEN EVALSHA missed and EVAL ran it, once
-        assert upstash.stats.snapshot()["commands"] == {"EVALSHA": 1, "EVAL": 1}
+        assert store.stats.snapshot()["commands"] == {"EVALSHA": 1, "EVAL": 1}
         assert await session.get_items() == [msg("user", "a")]
 
 
@@ -257,13 +285,15 @@ class TestSessionIds:
         "bad",
         ["", "a" * 129, "a}b", "a{b", "a:b", "a b", "é", "a/b", "a\nb", None, 42],
     )
-    async def test_bad_ids_refused_before_any_request(self, bad, client, upstash):
-        upstash.stats.reset()
+    async def test_bad_ids_refused_before_any_request(self, bad, new_session, store):
+        if store.stats is not None:
+            store.stats.reset()
         with pytest.raises(InvalidSessionId) as err:
-            UpstashSession(bad, redis=client)
+            new_session(bad)
         assert "session id" in str(err.value)
         assert isinstance(err.value, ValueError) and isinstance(err.value, RejoinError)
-        assert upstash.stats.snapshot()["total_requests"] == 0
+        if store.stats is not None:
+            assert store.stats.snapshot()["total_requests"] == 0
 
     async def test_longest_valid_id(self, new_session):
         session = new_session("A-z_0" * 25 + "abc")  # 128 characters
@@ -288,43 +318,47 @@ class TestTtl:
         await session.add_items([msg("user", "a")])
         assert raw_redis.pttl(session.keys.items) == -1
 
-    def test_ttl_must_be_positive(self, client):
-        with pytest.raises(ValueError):
-            UpstashSession("x", redis=client, ttl_seconds=0)
+    def test_ttl_must_be_positive(self, new_session):
+        with pytest.raises(ValueError, match="positive"):
+            new_session("x", ttl_seconds=0)
 
 
 class TestIdempotentWrites:
-    async def test_lost_response_retry_does_not_append_twice(self, new_session, upstash, raw_redis):
+    async def test_lost_response_retry_does_not_append_twice(self, new_session, store, raw_redis):
+        store.require("faults")
         session = new_session()
         await session.add_items([msg("user", "before")])
-        # GIVEN the endpoint applies the next script but loses its answer
-        upstash.faults.lose_response(command="EVALSHA")
-        upstash.stats.reset()
-        # WHEN adding (upstash-redis retries the same request)
+        # GIVEN the store applies the next script but its answer is lost
+        # (Upstash: a 502; TCP: the connection closes before the reply)
+        store.faults.lose_response(command="EVALSHA")
+        store.stats.reset()
+        # WHEN adding (the client retries the same request)
         await session.add_items([msg("user", "once"), msg("assistant", "only once")])
         # THEN the request ran twice and the items are stored once
-        assert upstash.stats.snapshot()["commands"]["EVALSHA"] == 2
+        assert store.stats.snapshot()["commands"]["EVALSHA"] == 2
         assert [i["content"] for i in stored(raw_redis, session)] == [
             "before",
             "once",
             "only once",
         ]
 
-    async def test_lost_response_on_pop_pops_once(self, new_session, upstash, raw_redis):
+    async def test_lost_response_on_pop_pops_once(self, new_session, store, raw_redis):
+        store.require("faults")
         session = new_session()
         await session.add_items([msg("user", "a"), msg("user", "b")])
-        upstash.faults.lose_response(command="EVALSHA")
+        store.faults.lose_response(command="EVALSHA")
         # WHEN the pop's answer is lost and retried, THEN the retry gets the same item
         assert await session.pop_item() == msg("user", "b")
         assert stored(raw_redis, session) == [msg("user", "a")]
 
-    async def test_lost_response_on_replace_and_clear(self, new_session, upstash, raw_redis):
+    async def test_lost_response_on_replace_and_clear(self, new_session, store, raw_redis):
+        store.require("faults")
         session = new_session()
         await session.add_items([msg("user", "a")])
-        upstash.faults.lose_response(command="EVALSHA")
+        store.faults.lose_response(command="EVALSHA")
         await session._atomic_replace_items([msg("user", "x"), msg("user", "y")])
         assert stored(raw_redis, session) == [msg("user", "x"), msg("user", "y")]
-        upstash.faults.lose_response(command="EVALSHA")
+        store.faults.lose_response(command="EVALSHA")
         await session.clear_session()
         assert stored(raw_redis, session) == []
 
@@ -342,22 +376,25 @@ class TestIdempotentWrites:
 
 
 class TestFaults:
-    async def test_server_error_is_clear_and_writes_nothing(self, new_session, upstash, raw_redis):
+    async def test_server_error_is_clear_and_writes_nothing(self, new_session, store, raw_redis):
+        store.require("faults")
         session = new_session()
         await session.add_items([msg("user", "a")])
-        # GIVEN the endpoint answers 503 twice (the first try and the retry)
-        upstash.faults.fail(status=503, times=2)
+        # GIVEN the store fails the first try and the retry before applying
+        # (Upstash: 503; TCP: the connection closes before Redis sees the command)
+        store.faults.fail(status=503, times=2)
         with pytest.raises(StoreUnavailable) as err:
             await session.add_items([msg("user", "b")])
         assert "add_items" in str(err.value)
         assert stored(raw_redis, session) == [msg("user", "a")]
 
-    async def test_hang_times_out_and_nothing_half_written(self, upstash, raw_redis):
-        # GIVEN a client with a 0.3 s timeout and an endpoint that hangs 2 s
-        c = upstash_client(upstash.url, upstash.token, timeout=0.3, retry_interval=0.01)
-        session = UpstashSession(f"h-{uuid.uuid4().hex[:8]}", redis=c)
+    async def test_hang_times_out_and_nothing_half_written(self, store, raw_redis):
+        store.require("faults")
+        # GIVEN a client with a 0.3 s timeout and a store that hangs 2 s
+        c = store.client(timeout=0.3)
+        session = session_on(store, c, f"h-{uuid.uuid4().hex[:8]}")
         await session.add_items([msg("user", "a")])
-        upstash.faults.hang(2.0, times=2)
+        store.faults.hang(2.0, times=2)
         loop = asyncio.get_running_loop()
         started = loop.time()
         with pytest.raises(StoreTimeout):
@@ -370,7 +407,7 @@ class TestFaults:
         assert contents in (["a"], ["a", "b", "c"])
         await c.close()
 
-    async def test_errors_never_contain_the_token(self, upstash, new_session):
+    async def test_errors_never_contain_the_token(self, upstash):
         c = upstash_client(upstash.url, "wrong-token-s3cret", timeout=1, retry_interval=0.01)
         session = UpstashSession("t1", redis=c)
         with pytest.raises(StoreResponseError) as err:
@@ -388,7 +425,7 @@ class TestFaults:
         with pytest.raises(ConfigError):
             upstash_client("https://x", "")
 
-    async def test_from_env(self, upstash, monkeypatch, raw_redis):
+    async def test_from_env(self, upstash, monkeypatch):
         monkeypatch.setenv("UPSTASH_REDIS_REST_URL", upstash.url)
         monkeypatch.setenv("UPSTASH_REDIS_REST_TOKEN", upstash.token)
         session = UpstashSession.from_env("env_1", timeout=3)
@@ -398,16 +435,18 @@ class TestFaults:
 
 
 class TestAtomicReplace:
-    async def test_replace_is_one_atomic_request(self, new_session, upstash, raw_redis):
+    async def test_replace_is_one_atomic_request(self, new_session, store, raw_redis):
+        store.require("stats")
         session = new_session()
         await session.add_items([msg("user", str(n)) for n in range(5)])
-        upstash.stats.reset()
+        store.stats.reset()
         assert await session._atomic_replace_items([msg("assistant", "summary")]) is True
-        assert upstash.stats.snapshot()["total_requests"] == 1
+        assert store.stats.snapshot()["total_requests"] == 1
         assert stored(raw_redis, session) == [msg("assistant", "summary")]
 
-    async def test_compaction_session_uses_the_atomic_hook(self, new_session, upstash):
-        # GIVEN the SDK's compaction session wrapping an UpstashSession
+    async def test_compaction_session_uses_the_atomic_hook(self, new_session, store):
+        store.require("stats")
+        # GIVEN the SDK's compaction session wrapping a rejoin session
         from agents.memory import OpenAIResponsesCompactionSession
 
         session = new_session()
@@ -416,20 +455,20 @@ class TestAtomicReplace:
         compacting = OpenAIResponsesCompactionSession(
             session_id=session.session_id, underlying_session=session, client=object()
         )
-        upstash.stats.reset()
+        store.stats.reset()
         # WHEN it replaces the history after compaction
         await compacting._replace_underlying_session_items(
             output_items=[msg("assistant", "compacted")], previous_items=before
         )
         # THEN it went through our one-request atomic replacement, not clear+add
-        assert upstash.stats.snapshot()["total_requests"] == 1
+        assert store.stats.snapshot()["total_requests"] == 1
         assert await session.get_items() == [msg("assistant", "compacted")]
 
 
 class TestIsolation:
-    async def test_thousand_sessions_concurrently(self, client, raw_redis):
+    async def test_thousand_sessions_concurrently(self, new_session, raw_redis):
         # GIVEN 1,000 sessions written concurrently, each with its own items
-        sessions = [UpstashSession(f"iso-{n}", redis=client) for n in range(1000)]
+        sessions = [new_session(f"iso-{n}") for n in range(1000)]
         sem = asyncio.Semaphore(64)
 
         async def write(n: int, s: UpstashSession) -> None:
@@ -495,13 +534,13 @@ class TestRunner:
         assert second_input[0] == {"content": "Ada: what is 2+3?", "role": "user"}
         assert len(stored(raw_redis, session)) == 6
 
-    def test_run_sync(self, upstash, raw_redis):
+    def test_run_sync(self, store, raw_redis):
         agent = self.make_agent(["hello", "again"], [])
 
         async def make() -> UpstashSession:
-            c = upstash_client(upstash.url, upstash.token, timeout=2.0)
-            return UpstashSession(f"sync-{uuid.uuid4().hex[:8]}", redis=c)
+            return session_on(store, store.client(), f"sync-{uuid.uuid4().hex[:8]}")
 
+        # Each run_sync runs on an event loop of its own.
         session = asyncio.run(make())
         assert agents.Runner.run_sync(agent, "hi", session=session).final_output == "hello"
         assert agents.Runner.run_sync(agent, "hi2", session=session).final_output == "again"

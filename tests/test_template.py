@@ -94,7 +94,12 @@ TOKEN_SECRET = {
     ]
 }
 ADMIN_SECRET = {"Fn::If": ["CreateAdminSecret", {"Ref": "AdminSecret"}, {"Ref": "AdminSecretArn"}]}
-UPSTASH_SECRET = {"Ref": "UpstashSecretArn"}
+# The store's secret: Upstash's, or (issue 13) one holding a Redis URL.
+STORE_SECRET = {"Fn::If": ["UseRedisStore", {"Ref": "StoreSecretArn"}, {"Ref": "UpstashSecretArn"}]}
+STORE_ENV = {
+    "REJOIN_UPSTASH_SECRET": {"Fn::If": ["UseRedisStore", "", {"Ref": "UpstashSecretArn"}]},
+    "REJOIN_STORE_SECRET": {"Fn::If": ["UseRedisStore", {"Ref": "StoreSecretArn"}, ""]},
+}
 OPENAI_SECRET = {"Ref": "OpenAISecretArn"}
 OTLP_SECRET = {"Ref": "OtlpHeadersSecretArn"}
 # Which secret each function may read, and the environment variable that names it.
@@ -102,19 +107,19 @@ SECRET_READS: dict[str, dict[str, Any]] = {
     # The authorizer checks signatures only: no store, so no Upstash secret.
     "AuthorizeFunction": {"REJOIN_TOKEN_SECRET_NAME": TOKEN_SECRET},
     "ConnectFunction": {
-        "REJOIN_UPSTASH_SECRET": UPSTASH_SECRET,
+        "store": STORE_SECRET,
         "REJOIN_TOKEN_SECRET_NAME": TOKEN_SECRET,
     },
-    "MessageFunction": {"REJOIN_UPSTASH_SECRET": UPSTASH_SECRET},
-    "DisconnectFunction": {"REJOIN_UPSTASH_SECRET": UPSTASH_SECRET},
+    "MessageFunction": {"store": STORE_SECRET},
+    "DisconnectFunction": {"store": STORE_SECRET},
     "TurnFunction": {
-        "REJOIN_UPSTASH_SECRET": UPSTASH_SECRET,
+        "store": STORE_SECRET,
         "REJOIN_OPENAI_SECRET_NAME": OPENAI_SECRET,
         "REJOIN_OTLP_HEADERS_SECRET_NAME": OTLP_SECRET,
     },
-    "CleanupFunction": {"REJOIN_UPSTASH_SECRET": UPSTASH_SECRET},
+    "CleanupFunction": {"store": STORE_SECRET},
     "ApiFunction": {
-        "REJOIN_UPSTASH_SECRET": UPSTASH_SECRET,
+        "store": STORE_SECRET,
         "REJOIN_TOKEN_SECRET_NAME": TOKEN_SECRET,
         "REJOIN_ADMIN_SECRET_NAME": ADMIN_SECRET,
     },
@@ -139,6 +144,7 @@ LOCAL_ONLY_VARS = {
     "REJOIN_ADMIN_KEY",
     "OPENAI_API_KEY",
     "AWS_ENDPOINT_URL_SQS",
+    "REJOIN_STORE_URL",
 }
 # Policy templates and managed policies a function may use (anything broader fails).
 ALLOWED_POLICY_TEMPLATES = {
@@ -433,6 +439,9 @@ def test_reads_exactly_the_secrets_it_names(t, name):
     assert sorted(map(repr, granted)) == sorted(map(repr, expected.values()))
     env = env_of(t, name)
     for var, secret in expected.items():
+        if var == "store":  # two variables, one of them set (see STORE_ENV)
+            assert {k: env[k] for k in STORE_ENV} == STORE_ENV, name
+            continue
         assert env[var] == secret, f"{name}: {var} must name the secret it may read"
     # Functions that may not read a secret are not told its name either.
     for var in (
@@ -458,6 +467,34 @@ def test_optional_otlp_secret_is_granted_only_when_given(t):
 
 
 # --- secrets and parameters -------------------------------------------------------------------
+
+
+def test_the_store_is_upstash_or_redis_over_tcp_exactly_one(t):
+    params, cond = t["Parameters"], t["Conditions"]
+    for name in ("UpstashSecretArn", "StoreSecretArn"):
+        assert params[name]["Default"] == "" and params[name]["AllowedPattern"].startswith("^(arn:")
+    assert cond["UseRedisStore"] == {"Fn::Not": [{"Fn::Equals": [{"Ref": "StoreSecretArn"}, ""]}]}
+    rule = t["Rules"]["ExactlyOneStore"]["Assertions"][0]["Assert"]["Fn::Or"]
+    assert len(rule) == 2 and all("Fn::And" in branch for branch in rule)
+    assert t["Outputs"]["StoreSecretArn"]["Condition"] == "UseRedisStore"
+    assert t["Outputs"]["UpstashSecretArn"]["Condition"] == "UseUpstashStore"
+
+
+def test_vpc_is_optional_and_needs_security_groups(t):
+    params = t["Parameters"]
+    for name in ("VpcSubnetIds", "VpcSecurityGroupIds"):
+        assert params[name]["Type"] == "CommaDelimitedList" and params[name]["Default"] == ""
+    assert t["Globals"]["Function"]["VpcConfig"] == {
+        "Fn::If": [
+            "InVpc",
+            {
+                "SubnetIds": {"Ref": "VpcSubnetIds"},
+                "SecurityGroupIds": {"Ref": "VpcSecurityGroupIds"},
+            },
+            {"Ref": "AWS::NoValue"},
+        ]
+    }
+    assert "VpcNeedsSecurityGroups" in t["Rules"]
 
 
 def test_no_parameter_carries_a_secret_value(t):

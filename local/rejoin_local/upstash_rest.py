@@ -667,7 +667,9 @@ class Faults:
         with self._lock:
             self._queue.append(fault)
 
-    def _take(self, command: _Command) -> _Fault | None:
+    def _take(self, command: _Command | str) -> _Fault | None:
+        if isinstance(command, str):  # a caller that knows only the command's name
+            command = _Command(command.upper(), [command.encode()])
         with self._lock:
             for i, fault in enumerate(self._queue):
                 if fault.matches(command):

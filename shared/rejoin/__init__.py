@@ -8,16 +8,20 @@ parts that run the agent).
 from __future__ import annotations
 
 from ._lua import RedisClient
-from .client import upstash_client, upstash_client_from_env
+from .client import store_client, upstash_client, upstash_client_from_env
 from .errors import RejoinError
 from .keys import SessionKeys, validate_session_id
+from .redis_tcp import RedisSession, redis_client
 from .session import UpstashSession
 
 __all__ = [
     "RedisClient",
+    "RedisSession",
     "RejoinError",
     "SessionKeys",
     "UpstashSession",
+    "redis_client",
+    "store_client",
     "upstash_client",
     "upstash_client_from_env",
     "validate_session_id",

@@ -1,15 +1,19 @@
-"""Lua scripts over Upstash: EVALSHA first, EVAL when the script is not cached.
+"""Lua scripts over either transport: EVALSHA first, EVAL when the script is not cached.
 
-Every script starts with ``#!lua flags=allow-key-locking`` so Upstash locks
-only the keys it names (every key is passed in KEYS) instead of taking its
-global script lock. Failures of the HTTP client are mapped here, in one place,
-to :mod:`rejoin.errors`.
+Every script is sent to Upstash with a first line ``#!lua
+flags=allow-key-locking``, so Upstash locks only the keys it names (every key
+is passed in KEYS) instead of taking its global script lock. Real Redis
+refuses that flag, so over TCP (:mod:`rejoin.redis_tcp`) the same text is sent
+with that first line left empty (so Lua's line numbers in errors match), under
+its own sha. Failures of either client are mapped here, in one place, to
+:mod:`rejoin.errors`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -18,7 +22,7 @@ from upstash_redis.errors import UpstashError
 
 from .errors import SessionGone, StoreResponseError, StoreTimeout, StoreUnavailable
 
-__all__ = ["RedisClient", "Script", "gone_reply"]
+__all__ = ["RedisClient", "Script", "gone_reply", "is_cluster", "is_upstash"]
 
 HEADER = "#!lua flags=allow-key-locking\n"
 
@@ -92,10 +96,13 @@ def gone_reply() -> str:
 
 
 class RedisClient(Protocol):
-    """The two commands rejoin needs from an Upstash client.
+    """The two commands rejoin needs from a store client.
 
-    ``upstash_redis.asyncio.Redis`` satisfies it; so does any client with the
-    same async ``eval``/``evalsha`` signatures.
+    ``upstash_redis.asyncio.Redis`` satisfies it; so does
+    :class:`rejoin.redis_tcp.TcpRedisClient` (redis.asyncio over TCP), and any
+    client with the same async ``eval``/``evalsha`` signatures. A client that
+    is not Upstash says so with an attribute ``is_upstash = False`` (see
+    :func:`is_upstash`), and a Redis Cluster client with ``is_cluster = True``.
     """
 
     async def eval(
@@ -107,6 +114,21 @@ class RedisClient(Protocol):
     ) -> Any: ...
 
 
+def is_upstash(redis: object) -> bool:
+    """Whether scripts go to Upstash (flagged source); True unless the client says not."""
+    return bool(getattr(redis, "is_upstash", True))
+
+
+def is_cluster(redis: object) -> bool:
+    """Whether the client routes by hash slot (Redis Cluster): every key of one
+    script call must then hash to one slot."""
+    return bool(getattr(redis, "is_cluster", False))
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha1(text.encode()).hexdigest()
+
+
 class Script:
     """A Lua script run with EVALSHA, falling back to EVAL on ``NOSCRIPT``.
 
@@ -114,43 +136,108 @@ class Script:
         name: a short name, used in error messages.
         body: the Lua source, without the flags line (added here) and without
             the shared prelude (prepended here).
+
+    Attributes:
+        source, sha: the text sent to Upstash (with the flags line) and its sha1.
+        plain_source, plain_sha: the text sent to Redis over TCP (the flags line
+            emptied, so line numbers match) and its sha1.
     """
 
     def __init__(self, name: str, body: str) -> None:
         self.name = name
         self.source = HEADER + PRELUDE + body
-        self.sha = hashlib.sha1(self.source.encode()).hexdigest()
+        self.sha = _sha(self.source)
+        self.plain_source = "\n" + PRELUDE + body
+        self.plain_sha = _sha(self.plain_source)
 
     async def __call__(self, redis: RedisClient, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        """Run the script; one HTTP request once Upstash has it cached.
+        """Run the script; one request (one round trip) once the server has it cached.
 
         Raises:
             SessionGone: the script's epoch guard failed.
-            StoreTimeout: Upstash did not answer in time.
-            StoreUnavailable: Upstash could not be reached or failed.
-            StoreResponseError: Upstash or Redis refused the script.
+            StoreTimeout: the store did not answer in time.
+            StoreUnavailable: the store could not be reached or failed.
+            StoreResponseError: the store refused the script.
         """
         keys_l, args_l = list(keys), [str(a) for a in args]
+        upstash = is_upstash(redis)
+        source, sha = (self.source, self.sha) if upstash else (self.plain_source, self.plain_sha)
         try:
             try:
-                return await redis.evalsha(self.sha, keys_l, args_l)
-            except UpstashError as exc:
-                if "NOSCRIPT" not in str(exc):
+                return await redis.evalsha(sha, keys_l, args_l)
+            except Exception as exc:
+                if not _is_noscript(exc):
                     raise
-            return await redis.eval(self.source, keys_l, args_l)
-        except UpstashError as exc:
-            message = str(exc)
-            if _GONE in message:
-                raise SessionGone(message.split(_GONE, 1)[1].strip()) from None
-            raise StoreResponseError(f"script {self.name}: {message}") from exc
-        except httpx.TimeoutException as exc:
-            raise StoreTimeout(f"script {self.name}: Upstash did not answer in time") from exc
-        except httpx.HTTPError as exc:
-            raise StoreUnavailable(
-                f"script {self.name}: Upstash unreachable ({type(exc).__name__})"
-            ) from exc
-        except json.JSONDecodeError as exc:
-            # The client parses every answer as JSON; a proxy's 5xx page is not.
-            raise StoreUnavailable(
-                f"script {self.name}: Upstash answered with a server error"
-            ) from exc
+            return await redis.eval(source, keys_l, args_l)
+        except Exception as exc:
+            error = _store_error(self.name, exc) if upstash else _redis_error(self.name, exc)
+            if error is None:
+                raise
+            if isinstance(error, SessionGone):
+                raise error from None
+            raise error from exc
+
+
+def _is_noscript(exc: Exception) -> bool:
+    if isinstance(exc, UpstashError):
+        return "NOSCRIPT" in str(exc)
+    rx = sys.modules.get("redis.exceptions")
+    return rx is not None and isinstance(exc, rx.NoScriptError)
+
+
+def _gone(message: str) -> SessionGone | None:
+    if _GONE in message:
+        return SessionGone(message.split(_GONE, 1)[1].strip())
+    return None
+
+
+def _store_error(name: str, exc: Exception) -> Exception | None:
+    """The rejoin error for a failure of the Upstash client (None: not a store failure)."""
+    if isinstance(exc, UpstashError):
+        message = str(exc)
+        return _gone(message) or StoreResponseError(f"script {name}: {message}")
+    if isinstance(exc, httpx.TimeoutException):
+        return StoreTimeout(f"script {name}: Upstash did not answer in time")
+    if isinstance(exc, httpx.HTTPError):
+        return StoreUnavailable(f"script {name}: Upstash unreachable ({type(exc).__name__})")
+    if isinstance(exc, json.JSONDecodeError):
+        # The client parses every answer as JSON; a proxy's 5xx page is not.
+        return StoreUnavailable(f"script {name}: Upstash answered with a server error")
+    return None
+
+
+def _redis_error(name: str, exc: Exception) -> Exception | None:
+    """The rejoin error for a failure of redis-py (None: not a store failure).
+
+    redis-py is imported only by TCP deployments; any exception it raised
+    means its module is loaded, so it is looked up, never imported, here.
+    """
+    rx = sys.modules.get("redis.exceptions")
+    if rx is None or not isinstance(exc, (rx.RedisError, rx.RedisClusterException)):
+        return None
+    # Messages from redis-py name the host and port, never the password.
+    message = str(exc) or type(exc).__name__
+    if isinstance(exc, rx.ResponseError):
+        gone = _gone(message)
+        if gone is not None:
+            return gone
+        if isinstance(exc, (rx.ReadOnlyError, rx.ClusterDownError, rx.TryAgainError)):
+            # A failover or resharding in progress: nothing ran; a retry may succeed.
+            return StoreUnavailable(f"script {name}: Redis cannot run it now ({message})")
+        return StoreResponseError(f"script {name}: {message}")
+    if isinstance(exc, rx.TimeoutError):
+        return StoreTimeout(f"script {name}: Redis did not answer in time")
+    if isinstance(exc, (rx.AuthenticationError, rx.AuthorizationError)):
+        return StoreResponseError(f"script {name}: Redis refused the credentials ({message})")
+    if isinstance(exc, rx.ConnectionError):
+        return StoreUnavailable(f"script {name}: Redis unreachable ({message})")
+    if isinstance(exc, rx.SlotNotCoveredError):
+        return StoreUnavailable(f"script {name}: Redis Cluster cannot serve the slot ({message})")
+    if isinstance(exc, rx.RedisClusterException):
+        cause = exc.__cause__
+        if isinstance(cause, (rx.ConnectionError, rx.TimeoutError)):
+            # No node of the cluster could be reached to learn its slots.
+            return _redis_error(name, cause)
+        # Otherwise raised before anything is sent, e.g. keys in two hash slots.
+        return StoreResponseError(f"script {name}: {message}")
+    return StoreUnavailable(f"script {name}: Redis failed ({type(exc).__name__}: {message})")

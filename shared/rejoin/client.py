@@ -1,4 +1,4 @@
-"""Upstash clients with a finite timeout.
+"""Store clients with a finite timeout: Upstash REST, or Redis over TCP by URL scheme.
 
 ``upstash-redis`` has no client-side timeout (its httpx client is built with
 ``timeout=None``) and retries a failed request once after 3 s. On Lambda a
@@ -18,7 +18,9 @@ from .errors import ConfigError
 if TYPE_CHECKING:
     from upstash_redis.asyncio import Redis
 
-__all__ = ["DEFAULT_TIMEOUT", "upstash_client", "upstash_client_from_env"]
+    from ._lua import RedisClient
+
+__all__ = ["DEFAULT_TIMEOUT", "store_client", "upstash_client", "upstash_client_from_env"]
 
 DEFAULT_TIMEOUT = 5.0
 
@@ -90,4 +92,50 @@ def upstash_client_from_env(
             raise ConfigError("REJOIN_UPSTASH_TIMEOUT must be a number of seconds") from None
     return upstash_client(
         url, token, timeout=timeout, retries=retries, retry_interval=retry_interval
+    )
+
+
+def store_client(
+    url: str,
+    token: str | None = None,
+    *,
+    timeout: float = DEFAULT_TIMEOUT,
+    retries: int = 1,
+    retry_interval: float = 0.2,
+) -> RedisClient:
+    """Build the store client a URL names: the transport is chosen by its scheme.
+
+    - ``https://`` (``http://`` locally): Upstash REST, with ``token``
+      (:func:`upstash_client`).
+    - ``redis://``, ``rediss://`` (TLS), ``unix://``, ``redis+cluster://``,
+      ``rediss+cluster://``: Redis over TCP (:func:`rejoin.redis_tcp.redis_client`);
+      the password, if any, is in the URL and ``token`` is not used.
+
+    Either way the scripts, keys and guarantees are the same; only the wire differs.
+
+    Args:
+        url: the store URL.
+        token: the Upstash REST token (Upstash only).
+        timeout: seconds to wait for each request (and, over TCP, to connect).
+        retries: how many times a request that failed in transit is retried.
+        retry_interval: seconds between retries.
+
+    Raises:
+        ConfigError: unknown scheme, malformed URL, missing Upstash token, or a
+            timeout that is not positive. Messages never show the password.
+    """
+    from .redis_tcp import TCP_SCHEMES, redis_client
+
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    if scheme in ("http", "https"):
+        if not token:
+            raise ConfigError("an Upstash REST URL (https://) needs its REST token")
+        return upstash_client(
+            url, token, timeout=timeout, retries=retries, retry_interval=retry_interval
+        )
+    if scheme in TCP_SCHEMES:
+        return redis_client(url, timeout=timeout, retries=retries, retry_interval=retry_interval)
+    raise ConfigError(
+        "store URL must start with https:// (Upstash REST) or redis://, rediss://, unix://, "
+        "redis+cluster://, rediss+cluster:// (Redis over TCP)"
     )

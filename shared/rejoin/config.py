@@ -99,6 +99,20 @@ def _secret_or_plain(env: Mapping[str, str], secret_var: str, plain_var: str) ->
     return env.get(plain_var) or None
 
 
+def _store_url(env: Mapping[str, str]) -> str | None:
+    # The secret holds the URL (with its password) as a plain string, or as
+    # JSON {"url": ...} (the Secrets Manager console's key/value form).
+    name = env.get("REJOIN_STORE_SECRET")
+    if not name:
+        return env.get("REJOIN_STORE_URL") or None
+    value = load_secret(name)
+    if isinstance(value, dict):
+        if not isinstance(value.get("url"), str) or not value["url"]:
+            raise ConfigError('REJOIN_STORE_SECRET must hold a URL, or JSON {"url": ...}')
+        return str(value["url"])
+    return value.strip() or None
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything rejoin's handlers need to know.
@@ -109,6 +123,9 @@ class Settings:
     upstash_url: str = ""
     upstash_token: str = field(default="", repr=False)
     upstash_timeout: float = 5.0
+    # A store URL (redis://, rediss://, ...; see rejoin.store_client): when set,
+    # it is the store, instead of the Upstash settings above. It may hold a password.
+    store_url: str | None = field(default=None, repr=False)
     key_prefix: str = "rejoin"
     token_secret: str | None = field(default=None, repr=False)
     jwks_url: str | None = None
@@ -171,13 +188,19 @@ class Settings:
         if mode not in ("every", "addressed"):
             raise ConfigError(f"REJOIN_REPLY_MODE must be 'every' or 'addressed', not {mode!r}")
         try:
-            timeout = float(env.get("REJOIN_UPSTASH_TIMEOUT", "5"))
+            # REJOIN_STORE_TIMEOUT: the same setting under a name for either transport.
+            timeout = float(
+                env.get("REJOIN_STORE_TIMEOUT") or env.get("REJOIN_UPSTASH_TIMEOUT") or "5"
+            )
         except ValueError:
-            raise ConfigError("REJOIN_UPSTASH_TIMEOUT must be a number of seconds") from None
+            raise ConfigError(
+                "REJOIN_STORE_TIMEOUT (or REJOIN_UPSTASH_TIMEOUT) must be a number of seconds"
+            ) from None
         return cls(
             upstash_url=upstash_url,
             upstash_token=upstash_token,
             upstash_timeout=timeout,
+            store_url=_store_url(env),
             key_prefix=env.get("REJOIN_KEY_PREFIX", "rejoin"),
             token_secret=_secret_or_plain(env, "REJOIN_TOKEN_SECRET_NAME", "REJOIN_TOKEN_SECRET"),
             jwks_url=env.get("REJOIN_JWKS_URL") or None,

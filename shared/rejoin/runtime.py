@@ -92,12 +92,17 @@ class Runtime:
         return bound
 
     def redis(self) -> RedisClient:
-        """The Upstash client of the running event loop."""
+        """The store client of the running event loop (Upstash, or Redis over TCP)."""
         bound = self.bound()
         client: RedisClient | None = bound.get("redis")
         if client is None:
             if self._redis_factory is not None:
                 client = self._redis_factory()
+            elif url := self.settings.store_url:  # redis://, rediss://, ...: chosen by scheme
+                from .client import store_client
+
+                s = self.settings
+                client = store_client(url, s.upstash_token, timeout=s.upstash_timeout)
             else:
                 from .client import upstash_client
 
