@@ -157,6 +157,14 @@ class Stack:
 
     def __post_init__(self) -> None:
         def redis() -> Any:
+            if self.settings.store_url:  # Redis over TCP, as a deployment configures it
+                from rejoin import redis_client
+
+                return redis_client(
+                    self.settings.store_url,
+                    timeout=self.settings.upstash_timeout,
+                    retry_interval=0.01,
+                )
             return upstash_client(
                 self.upstash_url,
                 self.upstash_token,
@@ -290,7 +298,8 @@ def make_stack(
     """A Stack on an Upstash-compatible endpoint (``.url``, ``.token``).
 
     Rate limiting is off unless ``rate_limit`` is given; ``overrides`` are
-    :class:`Settings` fields.
+    :class:`Settings` fields (``store_url="redis://..."`` puts the store on
+    TCP Redis instead).
     """
     settings = replace(
         Settings(

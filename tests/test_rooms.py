@@ -16,9 +16,11 @@ from rejoin.runtime import set_runtime
 from rejoin.speakers import parse_spoken
 
 
-@pytest.fixture
-def stack(upstash: Any) -> Any:
-    s = make_stack(upstash, agent=offline_agent())
+@pytest.fixture(params=["upstash", "tcp"])
+def stack(request: pytest.FixtureRequest, upstash: Any, redis_url: str) -> Any:
+    """The deployment, its store over Upstash REST or over TCP Redis (same Redis)."""
+    tcp = {"store_url": redis_url} if request.param == "tcp" else {}
+    s = make_stack(upstash, agent=offline_agent(), **tcp)
     yield s
     set_runtime(None)
 

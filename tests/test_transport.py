@@ -648,7 +648,7 @@ class TestRoomsOverTcp:
         assert raw_redis.keys("rejoin:{tcp-room}:*") == []
 
     def test_rate_limit_over_tcp(self, tcp_stack):
-        # GIVEN a limit of 3 frames a minute (upstash-ratelimit's script, over TCP)
+        # GIVEN a limit of 3 frames a minute (kept in the transition scripts, over TCP)
         ada, _ = tcp_stack.join("tcp-limit", "ada")
         # WHEN Ada sends messages quickly
         answers = [tcp_stack.say(ada, f"m{n}") for n in range(5)]
@@ -658,3 +658,67 @@ class TestRoomsOverTcp:
         refused = answers[kinds.index("error")]
         assert kinds.index("error") <= 3
         assert refused["code"] == "rate_limited" and refused["retry_after"] > 0
+
+
+@pytest.fixture
+def cluster_stack(upstash: Any, redis_cluster: Any) -> Iterator[Any]:
+    """The whole deployment on a three-node Redis Cluster (redis+cluster://)."""
+    stack = make_stack(upstash, agent=offline_agent())
+    url = str(redis_cluster.url).replace("redis://", "redis+cluster://", 1)
+    settings = replace(stack.settings, store_url=url, upstash_url="", upstash_token="")
+    stack.settings = settings
+    stack.rt = Runtime(
+        settings,
+        clock=stack.clock,
+        sender=stack.sender,
+        queue=stack.queue,
+        agent_factory=lambda rt: stack.agent,
+    )
+    set_runtime(stack.rt)
+    yield stack
+    set_runtime(None)
+
+
+class TestRoomsOnCluster:
+    def test_every_transition_runs_with_the_index_in_its_own_slot(
+        self, cluster_stack: Any, redis_cluster: Any
+    ) -> None:
+        import redis.cluster
+
+        stack = cluster_stack
+        inspect = redis.cluster.RedisCluster.from_url(str(redis_cluster.url), decode_responses=True)
+        try:
+            # GIVEN several sessions, spread over the cluster's nodes by their hash tags
+            sessions = [f"cl-{n}" for n in range(6)]
+            people = {}
+            for sid in sessions:
+                ada, welcome = stack.join(sid, "ada")
+                bob, _ = stack.join(sid, "bob")
+                people[sid] = (ada, bob, welcome["epoch"])
+                stack.say(ada, f"hello {sid}")
+                stack.send(bob, {"action": "ping"})
+            stack.run_turns()
+            # THEN each got its message and answer
+            for sid, (ada, bob, _) in people.items():
+                assert f"hello {sid}" in [e.get("text") for e in stack.logged(bob)]
+                assert stack.last(ada, "agent_message")["text"]
+            slots = {inspect.keyslot(f"rejoin:{{{sid}}}:meta") for sid in sessions}
+            assert len(slots) > 1  # (not all in one slot: the test means something)
+            # WHEN they drop, one comes back within the grace, the rest expire
+            for ada, bob, _ in people.values():
+                stack.drop(ada)
+                stack.send(bob, {"action": "leave"})
+            assert inspect.zcard("rejoin:schedule") == len(sessions)
+            stack.clock.advance(60)
+            _back, welcome = stack.join("cl-0", "ada", epoch=people["cl-0"][2], last_seq=0)
+            assert welcome["epoch"] == people["cl-0"][2] and welcome["recovered"] is True
+            stack.clock.advance(stack.settings.grace_seconds + 3)
+            report = stack.cleanup()
+            # THEN the cleanup found them through the index and deleted all but the one
+            assert sorted(report["expired"]) == sorted(sessions[1:])
+            for sid in sessions[1:]:
+                assert inspect.exists(f"rejoin:{{{sid}}}:meta") == 0
+            assert inspect.zscore("rejoin:schedule", "cl-0") is not None
+            assert stack.rt.run(stack.rt.rooms().status("cl-0"))["connections"] == 1
+        finally:
+            inspect.close()

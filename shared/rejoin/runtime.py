@@ -141,11 +141,13 @@ class Runtime:
 
     def rooms(self) -> RoomStore:
         """The room store, configured by the settings, on this loop's client."""
+        from ._lua import is_cluster
         from .rooms import RoomStore
 
         s = self.settings
+        client = self.redis()
         return RoomStore(
-            self.redis(),
+            client,
             key_prefix=s.key_prefix,
             grace_seconds=s.grace_seconds,
             event_log_size=s.event_log_size,
@@ -154,6 +156,9 @@ class Runtime:
             rate_limit=s.rate_limit,
             rate_window_seconds=s.rate_window_seconds,
             revocation_seconds=s.token_max_ttl_seconds,
+            # On a Redis Cluster the schedule index is in another slot than the
+            # session's keys: it is updated by a second request there.
+            index_in_script=not is_cluster(client),
         )
 
     def verifier(self) -> TokenVerifier:
