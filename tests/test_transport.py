@@ -542,8 +542,7 @@ class TestRedisSessionShape:
 
     async def test_a_drop_in_for_the_sdks_redis_session(self, redis_server, raw_redis):
         import agents
-
-        from rejoin.models import ScriptedModel
+        from scripted import script
 
         agents.set_tracing_disabled(True)
         # GIVEN the SDK's usage pattern, with rejoin's class
@@ -554,7 +553,7 @@ class TestRedisSessionShape:
             session_settings={"limit": 10},
             ttl=60,
         )
-        agent = agents.Agent(name="a", model=ScriptedModel([ScriptedModel.text("hi Ada")]))
+        agent = agents.Agent(name="a", model=script(["hi Ada"]))
         # WHEN the Runner uses it
         result = await agents.Runner.run(agent, "Ada: hello", session=session)
         # THEN it works as the SDK's would, in rejoin's hash-tagged layout

@@ -8,7 +8,7 @@ parts that run the agent).
 from __future__ import annotations
 
 from ._lua import RedisClient
-from .client import store_client, upstash_client, upstash_client_from_env
+from .client import UpstashClient, store_client, upstash_client, upstash_client_from_env
 from .errors import RejoinError
 from .keys import SessionKeys, validate_session_id
 from .redis_tcp import RedisSession, redis_client
@@ -19,6 +19,7 @@ __all__ = [
     "RedisSession",
     "RejoinError",
     "SessionKeys",
+    "UpstashClient",
     "UpstashSession",
     "redis_client",
     "store_client",

@@ -20,7 +20,13 @@ from typing import Any, Protocol
 import httpx
 from upstash_redis.errors import UpstashError
 
-from .errors import SessionGone, StoreResponseError, StoreTimeout, StoreUnavailable
+from .errors import (
+    SessionGone,
+    StoreEventLoopError,
+    StoreResponseError,
+    StoreTimeout,
+    StoreUnavailable,
+)
 
 __all__ = ["RedisClient", "Script", "gone_reply", "is_cluster", "is_upstash"]
 
@@ -171,6 +177,7 @@ class Script:
             return await redis.eval(source, keys_l, args_l)
         except Exception as exc:
             error = _store_error(self.name, exc) if upstash else _redis_error(self.name, exc)
+            error = error or _loop_error(self.name, exc)
             if error is None:
                 raise
             if isinstance(error, SessionGone):
@@ -203,6 +210,25 @@ def _store_error(name: str, exc: Exception) -> Exception | None:
     if isinstance(exc, json.JSONDecodeError):
         # The client parses every answer as JSON; a proxy's 5xx page is not.
         return StoreUnavailable(f"script {name}: Upstash answered with a server error")
+    return None
+
+
+_FOREIGN_LOOP = (
+    "Event loop is closed",
+    "attached to a different loop",
+    "bound to a different event loop",
+    "different event loop",
+)
+
+
+def _loop_error(name: str, exc: Exception) -> Exception | None:
+    """A client used from an event loop (or thread) other than its own."""
+    if isinstance(exc, RuntimeError) and any(m in str(exc) for m in _FOREIGN_LOOP):
+        return StoreEventLoopError(
+            f"script {name}: the store client belongs to another event loop (closed, or "
+            "in another thread); build it with rejoin.upstash_client or rejoin.store_client, "
+            "which keep one connection pool per event loop and thread"
+        )
     return None
 
 

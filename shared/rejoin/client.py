@@ -8,8 +8,12 @@ Retrying is safe for rejoin's own writes: every one is idempotent.
 
 from __future__ import annotations
 
+import asyncio
 import os
-from typing import TYPE_CHECKING
+import threading
+import weakref
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
@@ -20,9 +24,86 @@ if TYPE_CHECKING:
 
     from ._lua import RedisClient
 
-__all__ = ["DEFAULT_TIMEOUT", "store_client", "upstash_client", "upstash_client_from_env"]
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "UpstashClient",
+    "store_client",
+    "upstash_client",
+    "upstash_client_from_env",
+]
 
 DEFAULT_TIMEOUT = 5.0
+
+
+class UpstashClient:
+    """An ``upstash_redis.asyncio.Redis`` for each event loop that uses it.
+
+    The Upstash client's HTTP connections belong to the event loop that
+    opened them: used from another loop (a Lambda handler that calls
+    ``asyncio.run`` per invocation, ``Runner.run_sync``, another thread) they
+    fail with ``RuntimeError: Event loop is closed``. This keeps one client
+    per loop, built on first use there, so one client (and one
+    :class:`rejoin.UpstashSession`) works from any loop and any thread, and
+    a warm Lambda's long-lived loop keeps reusing its connections.
+
+    Every command of ``upstash_redis.asyncio.Redis`` is available on it
+    (``await client.get("k")``); :attr:`client` is the running loop's.
+
+    Args:
+        factory: builds one ``upstash_redis.asyncio.Redis``.
+    """
+
+    is_upstash = True
+
+    def __init__(self, factory: Callable[[], Redis]) -> None:
+        self._factory = factory
+        self._lock = threading.Lock()
+        self._by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Redis] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    @property
+    def client(self) -> Redis:
+        """The running event loop's client (a new one outside any loop)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return self._factory()
+        with self._lock:
+            found = self._by_loop.get(loop)
+            if found is None:
+                found = self._by_loop[loop] = self._factory()
+            return found
+
+    async def eval(
+        self, script: str, keys: list[str] | None = None, args: list[Any] | None = None
+    ) -> Any:
+        """``EVAL`` on the running loop's client."""
+        return await self.client.eval(script, keys, args)
+
+    async def evalsha(
+        self, sha1: str, keys: list[str] | None = None, args: list[Any] | None = None
+    ) -> Any:
+        """``EVALSHA`` on the running loop's client."""
+        return await self.client.evalsha(sha1, keys, args)
+
+    async def close(self) -> None:
+        """Close the running loop's client (those of other loops close with them)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        with self._lock:
+            found = self._by_loop.pop(loop, None)
+        if found is not None:
+            await found.close()
+
+    def __getattr__(self, name: str) -> Any:
+        # Every other command, on the running loop's client.
+        return getattr(self.client, name)
+
+    def __repr__(self) -> str:
+        return f"UpstashClient(loops={len(self._by_loop)})"
 
 
 def upstash_client(
@@ -32,8 +113,8 @@ def upstash_client(
     timeout: float = DEFAULT_TIMEOUT,
     retries: int = 1,
     retry_interval: float = 0.2,
-) -> Redis:
-    """Build an ``upstash_redis.asyncio.Redis`` with a request timeout.
+) -> UpstashClient:
+    """Build an Upstash client with a request timeout, usable from any event loop.
 
     Args:
         url: the database's REST URL (``UPSTASH_REDIS_REST_URL``).
@@ -42,30 +123,38 @@ def upstash_client(
         retries: how many times the client retries a request that failed.
         retry_interval: seconds between retries.
 
+    Returns:
+        An :class:`UpstashClient`: an ``upstash_redis.asyncio.Redis`` per event loop.
+
     Raises:
         ConfigError: the URL or token is empty, or the timeout is not positive.
     """
-    from upstash_redis.asyncio import Redis
-
     if not url or not url.startswith(("http://", "https://")):
         raise ConfigError("Upstash REST URL must start with https:// (or http:// locally)")
     if not token:
         raise ConfigError("Upstash REST token is empty")
     if timeout <= 0:
         raise ConfigError("timeout must be positive")
-    client = Redis(
-        url.rstrip("/"),
-        token,
-        rest_retries=retries,
-        rest_retry_interval=retry_interval,
-        allow_telemetry=False,
-    )
-    # The client offers no timeout option: set it on its httpx client.
-    http = getattr(getattr(client, "_http", None), "_client", None)
-    if not isinstance(http, httpx.AsyncClient):
-        raise ConfigError("unsupported upstash-redis version: cannot set a request timeout")
-    http.timeout = httpx.Timeout(timeout)
-    return client
+
+    def build() -> Redis:
+        from upstash_redis.asyncio import Redis
+
+        client = Redis(
+            url.rstrip("/"),
+            token,
+            rest_retries=retries,
+            rest_retry_interval=retry_interval,
+            allow_telemetry=False,
+        )
+        # The client offers no timeout option: set it on its httpx client.
+        http = getattr(getattr(client, "_http", None), "_client", None)
+        if not isinstance(http, httpx.AsyncClient):
+            raise ConfigError("unsupported upstash-redis version: cannot set a request timeout")
+        http.timeout = httpx.Timeout(timeout)
+        return client
+
+    build()  # fail now, not on the first request, if the client cannot be built
+    return UpstashClient(build)
 
 
 def upstash_client_from_env(
@@ -73,7 +162,7 @@ def upstash_client_from_env(
     timeout: float | None = None,
     retries: int = 1,
     retry_interval: float = 0.2,
-) -> Redis:
+) -> UpstashClient:
     """Build a client from ``UPSTASH_REDIS_REST_URL`` and ``UPSTASH_REDIS_REST_TOKEN``.
 
     The timeout defaults to ``REJOIN_UPSTASH_TIMEOUT`` (seconds), else 5 s.

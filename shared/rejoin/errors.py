@@ -28,6 +28,7 @@ __all__ = [
     "SenderThrottled",
     "SessionGone",
     "StoreError",
+    "StoreEventLoopError",
     "StoreResponseError",
     "StoreTimeout",
     "StoreUnavailable",
@@ -66,6 +67,15 @@ class StoreUnavailable(StoreError):
 
 class StoreTimeout(StoreUnavailable):
     """Upstash did not answer within the configured timeout."""
+
+
+class StoreEventLoopError(StoreError):
+    """A store client was used from an event loop, or a thread, it does not belong to.
+
+    Nothing was sent. Clients built by :func:`rejoin.upstash_client` or
+    :func:`rejoin.store_client` keep one connection pool per event loop and
+    never raise this; a client built directly can be used on its first loop only.
+    """
 
 
 class StoreResponseError(StoreError):

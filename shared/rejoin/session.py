@@ -166,9 +166,11 @@ class UpstashSession:
 
     Args:
         session_id: 1-128 characters of ``A-Za-z0-9_-``.
-        redis: an ``upstash_redis.asyncio.Redis`` (or any
-            :class:`rejoin.RedisClient`); see :func:`rejoin.upstash_client`
-            for one with a timeout.
+        redis: a store client: :func:`rejoin.upstash_client` (Upstash
+            REST, with a timeout) or :func:`rejoin.store_client`; both work
+            from any event loop and thread. A bare
+            ``upstash_redis.asyncio.Redis`` works too, on its first event
+            loop only (elsewhere: :class:`~rejoin.errors.StoreEventLoopError`).
         key_prefix: prefix of every key (``<prefix>:{<id>}:items``).
         ttl_seconds: if set, every call pushes the session's expiry this far
             into the future (a sliding TTL).
