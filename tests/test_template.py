@@ -102,6 +102,7 @@ STORE_ENV = {
 }
 OPENAI_SECRET = {"Ref": "OpenAISecretArn"}
 OTLP_SECRET = {"Ref": "OtlpHeadersSecretArn"}
+ENCRYPTION_SECRET = {"Ref": "EncryptionKeySecretArn"}
 # Which secret each function may read, and the environment variable that names it.
 SECRET_READS: dict[str, dict[str, Any]] = {
     # The authorizer checks signatures only: no store, so no Upstash secret.
@@ -110,18 +111,23 @@ SECRET_READS: dict[str, dict[str, Any]] = {
         "store": STORE_SECRET,
         "REJOIN_TOKEN_SECRET_NAME": TOKEN_SECRET,
     },
-    "MessageFunction": {"store": STORE_SECRET},
+    "MessageFunction": {
+        "store": STORE_SECRET,
+        "REJOIN_ENCRYPTION_SECRET": ENCRYPTION_SECRET,
+    },
     "DisconnectFunction": {"store": STORE_SECRET},
     "TurnFunction": {
         "store": STORE_SECRET,
         "REJOIN_OPENAI_SECRET_NAME": OPENAI_SECRET,
         "REJOIN_OTLP_HEADERS_SECRET_NAME": OTLP_SECRET,
+        "REJOIN_ENCRYPTION_SECRET": ENCRYPTION_SECRET,
     },
     "CleanupFunction": {"store": STORE_SECRET},
     "ApiFunction": {
         "store": STORE_SECRET,
         "REJOIN_TOKEN_SECRET_NAME": TOKEN_SECRET,
         "REJOIN_ADMIN_SECRET_NAME": ADMIN_SECRET,
+        "REJOIN_ENCRYPTION_SECRET": ENCRYPTION_SECRET,
     },
 }
 SQS_SENDERS = {"MessageFunction", "ApiFunction"}
@@ -448,22 +454,37 @@ def test_reads_exactly_the_secrets_it_names(t, name):
         "REJOIN_TOKEN_SECRET_NAME",
         "REJOIN_OPENAI_SECRET_NAME",
         "REJOIN_ADMIN_SECRET_NAME",
+        "REJOIN_ENCRYPTION_SECRET",
     ):
         assert (var in env) == (var in expected), f"{name}: {var}"
     for s in statements(t, name):
         assert not any(a.startswith("secretsmanager:") for a in as_list(s["Action"])), name
 
 
-def test_optional_otlp_secret_is_granted_only_when_given(t):
-    raw = t["Resources"]["TurnFunction"]["Properties"]["Policies"]
-    conditional = [p["Fn::If"] for p in raw if isinstance(p, dict) and "Fn::If" in p]
-    assert conditional == [
-        [
-            "HasOtlpHeadersSecret",
-            {"AWSSecretsManagerGetSecretValuePolicy": {"SecretArn": OTLP_SECRET}},
-            {"Ref": "AWS::NoValue"},
-        ]
+def test_optional_secrets_are_granted_only_when_given(t):
+    encryption = [
+        "EncryptAtRest",
+        {"AWSSecretsManagerGetSecretValuePolicy": {"SecretArn": ENCRYPTION_SECRET}},
+        {"Ref": "AWS::NoValue"},
     ]
+    otlp = [
+        "HasOtlpHeadersSecret",
+        {"AWSSecretsManagerGetSecretValuePolicy": {"SecretArn": OTLP_SECRET}},
+        {"Ref": "AWS::NoValue"},
+    ]
+    for name, expected in (
+        ("TurnFunction", [encryption, otlp]),
+        ("MessageFunction", [encryption]),
+        ("ApiFunction", [encryption]),
+    ):
+        raw = t["Resources"][name]["Properties"]["Policies"]
+        conditional = [p["Fn::If"] for p in raw if isinstance(p, dict) and "Fn::If" in p]
+        assert conditional == expected, name
+    # one parameter turns encryption at rest on; off by default
+    assert t["Parameters"]["EncryptionKeySecretArn"]["Default"] == ""
+    assert t["Conditions"]["EncryptAtRest"] == {
+        "Fn::Not": [{"Fn::Equals": [{"Ref": "EncryptionKeySecretArn"}, ""]}]
+    }
 
 
 # --- secrets and parameters -------------------------------------------------------------------

@@ -56,15 +56,13 @@ from __future__ import annotations
 
 import json
 import math
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ._lua import Script
 from .errors import CompactionError
 from .history import estimate_tokens, safe_start
-from .session import _HEAD, UpstashSession
+from .session import UpstashSession
 
 if TYPE_CHECKING:
     from agents.items import TResponseInputItem
@@ -557,40 +555,6 @@ class ModelSummariser:
 # --------------------------------------------------------------------------- #
 
 # ARGV after the head: op id, cut, the item just before the cut (as read), summary.
-# The prefix is replaced only if it is still there: the list is at least `cut`
-# long and its item `cut - 1` is the one read (same JSON, however serialised).
-_REPLACE_PREFIX = Script(
-    "compact_prefix",
-    _HEAD
-    + """
-local function deep_equal(a, b)
-  if type(a) ~= type(b) then return false end
-  if type(a) ~= 'table' then return a == b end
-  for k, v in pairs(a) do
-    if not deep_equal(v, b[k]) then return false end
-  end
-  for k in pairs(b) do
-    if a[k] == nil then return false end
-  end
-  return true
-end
-local op = ARGV[4]
-if seen(ops, op) then return 1 end
-local cut = tonumber(ARGV[5])
-if cut < 1 or redis.call('LLEN', items) < cut then return 0 end
-local stored = redis.call('LINDEX', items, cut - 1)
-if stored ~= ARGV[6] then
-  local ok1, a = pcall(cjson.decode, stored)
-  local ok2, b = pcall(cjson.decode, ARGV[6])
-  if not (ok1 and ok2 and deep_equal(a, b)) then return 0 end
-end
-redis.call('LTRIM', items, cut, -1)
-redis.call('LPUSH', items, ARGV[7])
-remember(ops, results, op, now, keep)
-slide(ttl, {items, meta})
-return 1
-""",
-)
 
 
 async def apply_compaction(session: Session, plan: CompactionPlan, summary: Summary) -> bool:
@@ -616,11 +580,8 @@ async def apply_compaction(session: Session, plan: CompactionPlan, summary: Summ
     """
     item = summary_item(summary)
     if isinstance(session, UpstashSession):
-        boundary = UpstashSession._serialize([plan.older[-1], item])  # type: ignore[list-item]
-        result = await session._run(
-            _REPLACE_PREFIX, uuid.uuid4().hex, plan.cut, boundary[0], boundary[1]
-        )
-        return bool(result)
+        boundary, written = UpstashSession._serialize([plan.older[-1], item])  # type: ignore[list-item]
+        return await session._atomic_replace_prefix(plan.cut, boundary, written)
     replace: Callable[[list[Any]], Any] | None = getattr(session, "_atomic_replace_items", None)
     if replace is None:
         raise CompactionError(

@@ -80,6 +80,15 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     raise ConfigError(f"{name} must be 1/true/yes/on or 0/false/no/off, not {raw!r}")
 
 
+def _encryption_keys(env: Mapping[str, str]) -> tuple[str, ...]:
+    from .encryption import parse_keys
+
+    name = env.get("REJOIN_ENCRYPTION_SECRET")
+    if name:
+        return parse_keys(load_secret(name))
+    return parse_keys(env.get("REJOIN_ENCRYPTION_KEYS") or None)
+
+
 def _model_api(env: Mapping[str, str]) -> str | None:
     api = env.get("REJOIN_MODEL_API") or None
     if api not in (None, "responses", "chat_completions"):
@@ -165,6 +174,7 @@ class Settings:
     compact_at_tokens: int = 24_000
     compact_keep_tokens: int = 8_000
     summary_words: int = 300
+    encryption_keys: tuple[str, ...] = field(default=(), repr=False)
     turn_queue_url: str | None = None
     ws_endpoint: str | None = None
     api_docs: bool = False
@@ -230,6 +240,7 @@ class Settings:
             compact_at_tokens=_int(env, "REJOIN_COMPACT_AT_TOKENS", 24_000, minimum=0),
             compact_keep_tokens=_int(env, "REJOIN_COMPACT_KEEP_TOKENS", 8_000),
             summary_words=_int(env, "REJOIN_SUMMARY_WORDS", 300),
+            encryption_keys=_encryption_keys(env),
             turn_queue_url=env.get("REJOIN_TURN_QUEUE_URL") or None,
             ws_endpoint=env.get("REJOIN_WS_ENDPOINT") or None,
             api_docs=_bool(env, "REJOIN_API_DOCS", False),

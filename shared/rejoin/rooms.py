@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ._lua import RedisClient, Script
+from .encryption import Encryption, SessionCipher
 from .errors import NotInSession, NotJoined, RateLimited, RoomError, TokenExpired, TokenRevoked
 from .keys import SessionKeys
 from .speakers import Spoken, spoken_item
@@ -788,13 +789,16 @@ class TurnStart:
         state: ``started``, ``done`` (already committed: skip), or ``busy``
             (another turn of the session holds the lease: retry later).
         history: the session's history when the turn started (raw JSON
-            strings, oldest first), when started.
+            strings, oldest first, as stored), when started.
         recipients: ready connections at the start.
+        items: ``history`` decoded (and decrypted), one per entry; ``None``
+            for an entry that is not JSON or cannot be decrypted.
     """
 
     state: Literal["started", "done", "busy"]
     history: list[str] = field(default_factory=list)
     recipients: list[str] = field(default_factory=list)
+    items: list[Any] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -866,6 +870,8 @@ class RoomStore:
         index_in_script: the scripts update the schedule index themselves
             (one request); False on a Redis Cluster, where the index lives in
             another slot and is updated by a second request.
+        encryption: when set, message texts and history items are stored
+            encrypted (:mod:`rejoin.encryption`).
     """
 
     def __init__(
@@ -883,8 +889,10 @@ class RoomStore:
         outcome_seconds: float = 120,
         revocation_seconds: float = 12 * 3600,
         index_in_script: bool = True,
+        encryption: Encryption | None = None,
     ) -> None:
         self.redis = redis
+        self.encryption = encryption
         self.prefix = key_prefix
         self.grace_ms = int(grace_seconds * 1000)
         self.cap = event_log_size
@@ -909,6 +917,35 @@ class RoomStore:
     def now_ms(self) -> int:
         """The injected clock's time in milliseconds."""
         return int(self.clock() * 1000)
+
+    def cipher(self, session_id: str) -> SessionCipher | None:
+        """The session's cipher when encryption at rest is on."""
+        return self.encryption.for_session(session_id) if self.encryption else None
+
+    def _event(self, session_id: str, raw: Any) -> dict[str, Any] | None:
+        event = _event(raw)
+        cipher = self.cipher(session_id)
+        return cipher.decrypt_event(event) if cipher and event else event
+
+    def _events(self, session_id: str, raw: Any) -> list[dict[str, Any]]:
+        cipher = self.cipher(session_id)
+        events = list(raw or [])
+        return [cipher.decrypt_event(e) for e in events] if cipher else events
+
+    def serialize_item(self, session_id: str, item: Any) -> str:
+        """A history item as stored (an encrypted envelope when encryption is on)."""
+        cipher = self.cipher(session_id)
+        stored = cipher.wrap(item) if cipher else item
+        return json.dumps(stored, ensure_ascii=False, separators=(",", ":"))
+
+    def decode_item(self, session_id: str, raw: str) -> Any | None:
+        """A stored history entry as the model reads it (``None``: unreadable)."""
+        try:
+            stored = json.loads(raw)
+        except ValueError:
+            return None  # corrupt entries are skipped, as the SDK's backends do
+        cipher = self.cipher(session_id)
+        return cipher.unwrap(stored) if cipher else stored
 
     def keys(self, session_id: str) -> SessionKeys:
         """The keys of one session (validates the id)."""
@@ -992,7 +1029,7 @@ class RoomStore:
             TokenExpired, TokenRevoked: the connection's token no longer holds.
         """
         a = await self._call(_RESUME, session_id, connection_id, epoch or "", last_seq)
-        events = a.get("events") or []
+        events = self._events(session_id, a.get("events"))
         recovered = bool(a["recovered"])
         log_start = int(a["log_start"])
         return {
@@ -1039,21 +1076,22 @@ class RoomStore:
         """
         user, name = speaker
         item = spoken_item(Spoken(user, name, message_id, text))
+        cipher = self.cipher(session_id)
         a = await self._call(
             _SAY,
             session_id,
             connection_id,
             message_id,
-            text,
+            cipher.encrypt_text(text) if cipher else text,
             "1" if addressed else "0",
-            json.dumps(item, ensure_ascii=False, separators=(",", ":")),
+            self.serialize_item(session_id, item),
             user,
         )
         return Said(
             duplicate=bool(a["duplicate"]),
             seq=int(a["seq"]),
             turn=str(a.get("turn") or ""),
-            event=_event(a.get("event")),
+            event=self._event(session_id, a.get("event")),
             recipients=_ids(a.get("recipients")),
             epoch=str(a["epoch"]),
             mode=str(a["mode"]),
@@ -1146,7 +1184,7 @@ class RoomStore:
             "participants": sorted(a.get("participants") or [], key=lambda p: p["user"]),
         }
         if with_events:
-            out["events"] = a.get("events") or []
+            out["events"] = self._events(session_id, a.get("events"))
         return out
 
     async def end(self, session_id: str) -> list[str] | None:
@@ -1210,10 +1248,12 @@ class RoomStore:
             ),
         )
         head = json.loads(reply[0])
+        history = [str(r) for r in reply[1:]]
         return TurnStart(
             head["state"],
-            history=[str(r) for r in reply[1:]],
+            history=history,
             recipients=_ids(head.get("recipients")),
+            items=[self.decode_item(session_id, r) for r in history],
         )
 
     async def commit_turn(
@@ -1223,7 +1263,7 @@ class RoomStore:
         turn_id: str,
         attempt: str,
         *,
-        items: Sequence[str],
+        items: Sequence[Any],
         reply_text: str,
         reply_to: int,
         stopped: bool = False,
@@ -1231,7 +1271,7 @@ class RoomStore:
         """Write the turn's items and log the agent's message, once.
 
         Args:
-            items: the items the run produced (JSON strings), in order.
+            items: the items the run produced, in order.
             reply_text: the agent's final text ('' for none).
             reply_to: the seq of the message answered.
             stopped: a participant stopped the turn; ``reply_text`` is partial.
@@ -1243,18 +1283,19 @@ class RoomStore:
         Raises:
             SessionGone: the session is gone or this attempt lost the lease.
         """
+        cipher = self.cipher(session_id)
         a = await self._call(
             _COMMIT_TURN,
             session_id,
             epoch,
             turn_id,
             attempt,
-            reply_text,
+            cipher.encrypt_text(reply_text) if cipher and reply_text else reply_text,
             reply_to,
             "1" if stopped else "0",
-            *items,
+            *(self.serialize_item(session_id, i) for i in items),
         )
-        return _event(a.get("event")), _ids(a.get("recipients"))
+        return self._event(session_id, a.get("event")), _ids(a.get("recipients"))
 
     async def release_turn(
         self, session_id: str, epoch: str, turn_id: str, attempt: str

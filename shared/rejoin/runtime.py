@@ -22,6 +22,7 @@ from .errors import ConfigError
 
 if TYPE_CHECKING:
     from ._lua import RedisClient
+    from .encryption import Encryption
     from .queue import TurnQueue
     from .rooms import RoomStore
     from .sender import ConnectionSender
@@ -67,6 +68,7 @@ class Runtime:
         self._redis_factory = redis_factory
         self._local = threading.local()
         self._verifier: TokenVerifier | None = None
+        self._cipher: Encryption | None = None
         self.agent_factory = agent_factory
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
@@ -159,7 +161,18 @@ class Runtime:
             # On a Redis Cluster the schedule index is in another slot than the
             # session's keys: it is updated by a second request there.
             index_in_script=not is_cluster(client),
+            encryption=self._encryption(),
         )
+
+    def _encryption(self) -> Encryption | None:
+        keys = self.settings.encryption_keys
+        if not keys:
+            return None
+        if self._cipher is None:
+            from .encryption import Encryption
+
+            self._cipher = Encryption(keys)
+        return self._cipher
 
     def verifier(self) -> TokenVerifier:
         """The token verifier (HS256 secret, or a JWKS URL)."""

@@ -138,6 +138,42 @@ return 1
 )
 
 
+# The prefix is replaced only if it is still there: the list is at least `cut`
+# long and its item `cut - 1` is the one read (same JSON, however serialised).
+_REPLACE_PREFIX = Script(
+    "compact_prefix",
+    _HEAD
+    + """
+local function deep_equal(a, b)
+  if type(a) ~= type(b) then return false end
+  if type(a) ~= 'table' then return a == b end
+  for k, v in pairs(a) do
+    if not deep_equal(v, b[k]) then return false end
+  end
+  for k in pairs(b) do
+    if a[k] == nil then return false end
+  end
+  return true
+end
+local op = ARGV[4]
+if seen(ops, op) then return 1 end
+local cut = tonumber(ARGV[5])
+if cut < 1 or redis.call('LLEN', items) < cut then return 0 end
+local stored = redis.call('LINDEX', items, cut - 1)
+if stored ~= ARGV[6] then
+  local ok1, a = pcall(cjson.decode, stored)
+  local ok2, b = pcall(cjson.decode, ARGV[6])
+  if not (ok1 and ok2 and deep_equal(a, b)) then return 0 end
+end
+redis.call('LTRIM', items, cut, -1)
+redis.call('LPUSH', items, ARGV[7])
+remember(ops, results, op, now, keep)
+slide(ttl, {items, meta})
+return 1
+""",
+)
+
+
 def _decode(raw: list[str] | None) -> list[TResponseInputItem]:
     items: list[TResponseInputItem] = []
     for entry in raw or []:
@@ -316,6 +352,20 @@ class UpstashSession:
         """
         await self._write(_REPLACE, "replace", self._serialize(items))
         return True
+
+    async def _atomic_replace_prefix(self, cut: int, boundary: str, item: str) -> bool:
+        """Replace the first ``cut`` items by ``item``, if they are still there.
+
+        Compaction's write: messages appended meanwhile are kept; if the
+        stored item ``cut - 1`` is no longer ``boundary`` (the same JSON, or
+        the same raw text), nothing is written and False is returned.
+
+        Args:
+            cut: how many items, from the first, are replaced.
+            boundary: item ``cut - 1`` as it was read (JSON).
+            item: the replacement (JSON), e.g. a summary item.
+        """
+        return bool(await self._write(_REPLACE_PREFIX, "prefix", [str(cut), boundary, item]))
 
     async def _write(self, script: Script, what: str, payload: list[str]) -> Any:
         # A write whose answer was lost may have been applied. The same write

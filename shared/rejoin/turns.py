@@ -39,7 +39,13 @@ from typing import Any
 import agents
 from agents.memory import SessionSettings
 
-from .compaction import CompactionPolicy, ModelSummariser, compact, model_window
+from .compaction import (
+    CompactionPolicy,
+    ModelSummariser,
+    model_window,
+    plan_compaction,
+    summary_item,
+)
 from .errors import CompactionError, RejoinError, SessionGone, StoreError, TurnBusy
 from .fanout import publish
 from .frames import agent_delta_frame, error_frame
@@ -226,16 +232,6 @@ def complete_items(items: list[Any]) -> list[Any]:
     return kept
 
 
-def _decode_history(raw: list[str]) -> list[Any]:
-    out = []
-    for entry in raw:
-        try:
-            out.append(json.loads(entry))
-        except ValueError:
-            continue  # corrupt entries are skipped, as the SDK's backends do
-    return out
-
-
 def _is_gone(exc: BaseException) -> bool:
     while exc is not None:
         if isinstance(exc, SessionGone):
@@ -290,7 +286,7 @@ async def run_turn(
         count("TurnsBusy")
         raise TurnBusy(f"session {turn.session_id} is running another turn")
     sender = rt.sender()
-    history = _decode_history(start.history)
+    history = [i for i in start.items if i is not None]
     window = model_window(
         history, limit=s.history_max_items or None, max_tokens=s.history_max_tokens or None
     )
@@ -312,7 +308,7 @@ async def run_turn(
             turn.epoch,
             turn.turn_id,
             attempt,
-            items=[json.dumps(i, separators=(",", ":")) for i in items],
+            items=items,
             reply_text=reply,
             reply_to=turn.reply_to,
             stopped=stopped,
@@ -345,15 +341,26 @@ async def run_turn(
     else:
         count("Turns")
     await publish(rooms, sender, turn.session_id, recipients, event)
-    if s.compact_at_tokens:
-        await _compact(rt, turn, agent, history)
+    if s.compact_at_tokens and len(history) == len(start.history):
+        # (an unreadable entry would shift every index: compaction waits for a clean read)
+        await _compact(rt, rooms, turn, agent, history, start.history)
     return "stopped" if stopped else "done"
 
 
 async def _compact(
-    rt: Runtime, turn: TurnRequest, agent: agents.Agent[Any], history: list[Any]
+    rt: Runtime,
+    rooms: RoomStore,
+    turn: TurnRequest,
+    agent: agents.Agent[Any],
+    history: list[Any],
+    stored: list[str],
 ) -> None:
-    """Summarise the older part of a long history; best effort, after the answer."""
+    """Summarise the older part of a long history; best effort, after the answer.
+
+    Args:
+        history: the history as read at the turn's start, decoded.
+        stored: the same entries as stored (encrypted, when encryption is on).
+    """
     s = rt.settings
     if not isinstance(agent.model, agents.Model):
         return  # a model name the SDK resolves itself: nothing to summarise with
@@ -363,6 +370,9 @@ async def _compact(
         max_items=None,
         keep_items=None,
     )
+    plan = plan_compaction(history, policy)
+    if plan is None:
+        return
     session = UpstashSession(
         turn.session_id,
         redis=rt.redis(),
@@ -371,18 +381,23 @@ async def _compact(
         clock=rt.clock,
     )
     try:
-        result = await compact(
-            session, ModelSummariser(agent.model, max_words=s.summary_words), policy, items=history
+        summary = await ModelSummariser(agent.model, max_words=s.summary_words).summarise(
+            plan.older
+        )
+        # The boundary as stored: an encrypted entry is never encrypted twice alike.
+        applied = await session._atomic_replace_prefix(
+            plan.cut,
+            stored[plan.cut - 1],
+            rooms.serialize_item(turn.session_id, summary_item(summary)),
         )
     except (CompactionError, StoreError) as exc:
         # The history is unchanged; the next turn plans again.
         log_failure("could not compact the history", exc, turn=turn.turn_id)
         return
-    if result is not None and result.applied:
+    if applied:
         count("Compactions")
         logger.info(
-            "history compacted",
-            extra={"summarised": len(result.plan.older), "kept": len(result.plan.kept)},
+            "history compacted", extra={"summarised": len(plan.older), "kept": len(plan.kept)}
         )
 
 
