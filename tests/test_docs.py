@@ -249,6 +249,14 @@ def expect(*needles: str) -> Callable[[Runner, str], None]:
     return check
 
 
+def check_fernet_key(runner: Runner, command: str) -> None:
+    """It prints one key that rejoin's encryption at rest accepts."""
+    from rejoin.encryption import parse_keys
+
+    out = _ok(runner.shell(command), command).strip()
+    assert parse_keys(out) == (out,), out
+
+
 def check_token(runner: Runner, command: str) -> None:
     """``TOKEN=$(make token ...)`` captures one line: a token that verifies."""
     from rejoin.tokens import TokenVerifier
@@ -342,6 +350,8 @@ RULES: list[Rule] = [
     run(r"make help", expect("dev", "test", "build", "deploy", "token")),
     run(r"bash scripts/bootstrap\.sh", check_bootstrap),
     run(r"\.venv/bin/python events/generate\.py", check_events),
+    run(r'\.venv/bin/python -c "from cryptography\.fernet import Fernet; '
+        r'print\(Fernet\.generate_key\(\)\.decode\(\)\)"', check_fernet_key),
     # make test and what it runs.
     skip(r'make test(?: ARGS="[^"]*")?', SUITE),
     skip(r"bash scripts/check-template\.sh", "`make test` runs it before pytest (scripts/test.sh)"),
