@@ -6,6 +6,7 @@
 #   bash scripts/dev.sh --port 9000 --grace 10
 #   REDIS_URL=redis://127.0.0.1:6379/0 bash scripts/dev.sh
 #   bash scripts/dev.sh client --session demo --name Ada   # the terminal client
+#   bash scripts/dev.sh openai-stub --port 8090            # a local OpenAI-compatible server
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
@@ -13,5 +14,9 @@ export PYTHONPATH="$PWD/local:$PWD/shared${PYTHONPATH:+:$PYTHONPATH}"
 if [ "${1:-}" = "client" ]; then
   shift
   exec .venv/bin/python -m rejoin_local.client "$@"
+fi
+if [ "${1:-}" = "openai-stub" ]; then
+  shift
+  exec .venv/bin/python -m rejoin_local.openai_stub "$@"
 fi
 exec .venv/bin/python -m rejoin_local "$@"

@@ -219,6 +219,35 @@ class Runner:
             raise AssertionError(f"`{command}` did not start:\n{served.text()[-3000:]}")
         return served
 
+    def start_plain(self, command: str, ready_line: str) -> Served:
+        """Start a long-running command that prints ``ready_line`` when it is up."""
+        process = subprocess.Popen(
+            ["bash", "-c", command],
+            cwd=ROOT,
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        served = Served(process)
+        ready = threading.Event()
+
+        def read() -> None:
+            assert process.stdout is not None
+            for line in process.stdout:
+                served.output.append(line)
+                if line.startswith(ready_line):
+                    ready.set()
+            ready.set()
+
+        threading.Thread(target=read, daemon=True).start()
+        if not ready.wait(60) or process.poll() is not None:
+            self.stop(served)
+            raise AssertionError(f"`{command}` did not start:\n{served.text()[-3000:]}")
+        return served
+
     @staticmethod
     def stop(served: Served) -> None:
         """Ctrl-C, as a user stops it; then make sure it is gone."""
@@ -297,6 +326,32 @@ def check_client_say(runner: Runner, command: str) -> None:
     assert out.count(f'you said: "{text}"') == 1, out
 
 
+def check_model_server(runner: Runner, command: str) -> None:
+    """The README's OpenAI-compatible server block: the stub, then the stack pointed at it;
+    a message sent by the terminal client is answered by the stub, through the real client."""
+    stub_port = _free_port()
+    stub = runner.start_plain(
+        f"bash scripts/dev.sh openai-stub --port {stub_port}", "OpenAI stub at"
+    )
+    try:
+        url = f"http://127.0.0.1:{stub_port}/v1"
+        stack = runner.start(f"OPENAI_API_KEY=x OPENAI_BASE_URL={url} make dev")
+        try:
+            assert f"at {url}" in stack.text(), stack.text()[-2000:]
+            client = runner.shell(
+                'bash scripts/dev.sh client --session model-demo --name Ada --say "hello" '
+                "--wait-agent",
+                timeout=90,
+                env={"REJOIN_WS_URL": f"ws://127.0.0.1:{stack.port}/ws"},
+            )
+            out = _ok(client, "the terminal client")
+            assert "offline" not in out and "Ada" in out, out  # the stub echoes the speaker
+        finally:
+            runner.stop(stack)
+    finally:
+        runner.stop(stub)
+
+
 def check_page(served: Served) -> None:
     """The page link of the banner answers with the chat page, and its script loads."""
     link = re.search(r"chat page\s+(http://\S+)", served.text())
@@ -350,6 +405,7 @@ RULES: list[Rule] = [
     run(r"make help", expect("dev", "test", "build", "deploy", "token")),
     run(r"bash scripts/bootstrap\.sh", check_bootstrap),
     run(r"\.venv/bin/python events/generate\.py", check_events),
+    run(r"bash scripts/dev\.sh openai-stub --port \d+ &", check_model_server, block=True),
     run(r'\.venv/bin/python -c "from cryptography\.fernet import Fernet; '
         r'print\(Fernet\.generate_key\(\)\.decode\(\)\)"', check_fernet_key),
     # make test and what it runs.
