@@ -1,4 +1,4 @@
-"""``python -m bench [--quick] [--only store|rooms] [--json PATH]`` from the repo root.
+"""``python -m bench [--quick] [--only store|rooms|scale] [--json PATH]`` from the repo root.
 
 Starts a private ``redis-server`` (never the shared one) and the local
 Upstash-compatible endpoint in front of it, runs the benchmarks, prints their
@@ -64,7 +64,7 @@ class _DropEmf(io.TextIOBase):
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a reduced run (a few seconds)")
-    parser.add_argument("--only", choices=["store", "rooms"], help="run one benchmark")
+    parser.add_argument("--only", choices=["store", "rooms", "scale"], help="run one benchmark")
     parser.add_argument("--json", metavar="PATH", help="also write the raw figures as JSON")
     return parser
 
@@ -88,6 +88,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
+    if args.only == "scale":
+        # The scale model reads bench/counts.json: no Redis, no endpoint.
+        from bench import scale
+
+        return scale.main([])
     from bench import rooms, store
 
     started = time.monotonic()
