@@ -1,4 +1,4 @@
-"""``python -m bench [--quick] [--only store|rooms|meeting|broadcast] [--json PATH]``.
+"""``python -m bench [--quick] [--only store|rooms|meeting|broadcast|scale] [--json PATH]``.
 
 Starts a private ``redis-server`` (never the shared one) and the local
 Upstash-compatible endpoint in front of it, runs the benchmarks, prints their
@@ -67,7 +67,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a reduced run (a few seconds)")
     parser.add_argument(
-        "--only", choices=["store", "rooms", "meeting", "broadcast"], help="run one benchmark"
+        "--only",
+        choices=["store", "rooms", "meeting", "broadcast", "scale"],
+        help="run one benchmark",
     )
     parser.add_argument("--json", metavar="PATH", help="also write the raw figures as JSON")
     return parser
@@ -99,6 +101,11 @@ def _crashed(name: str) -> bool:
 
 
 def _main(args: argparse.Namespace) -> int:
+    if args.only == "scale":
+        # The scale model reads bench/counts.json: no Redis, no endpoint.
+        from bench import scale
+
+        return scale.main([])
     from bench import broadcast, meeting, rooms, store
 
     started = time.monotonic()

@@ -95,7 +95,8 @@ def upstash_endpoint(redis_url: str) -> Iterator[Endpoint]:
     paths = [str(REPO_ROOT / "shared"), str(REPO_ROOT / "local")]
     env["PYTHONPATH"] = os.pathsep.join([*paths, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     args = [sys.executable, "-m", "rejoin_local.upstash_rest", "--host", "127.0.0.1"]
-    args += ["--port", "0", "--redis-url", redis_url, "--token", token]
+    # --token=...: a token may start with "-", which argparse would take for an option.
+    args += ["--port", "0", "--redis-url", redis_url, f"--token={token}"]
     # Output goes to a file, not a pipe: a pipe nobody reads could fill and stall it.
     with (
         tempfile.TemporaryDirectory(prefix="rejoin-bench-upstash-") as workdir,

@@ -1,248 +1,341 @@
-"""What a conversation costs: a sample meeting replayed end to end, then priced.
+"""What a one-hour meeting costs: replayed through the handlers, then priced.
 
-The meeting (the counts of things people do are the scenario, i.e. assumptions;
-what each thing costs in requests, commands and posts is measured):
+The meeting (its shape is the scenario; what each step costs is measured):
 
-- 3 participants; each connects (and sends ``resume``) twice: once at the
-  start, once after dropping mid-meeting (a reconnect within the grace);
-- 30 messages, round robin, each answered by an agent turn (reply mode
-  ``every``), with the rate limiter on (the deployed default);
-- 1 ``ping`` per participant (one lull longer than the client's 4-minute
-  keep-alive);
-- everyone leaves; the session expires; 1 cleanup sweep deletes it.
+- 8 participants connect and send ``resume`` at the start; 6 of them speak,
+  in turn, one message every 20 s (180 in the hour); 2 only listen, and
+  their clients send ``ping`` after 4 minutes without sending anything (the
+  browser client's keep-alive), well inside API Gateway's 10-minute idle
+  timeout;
+- every 4th message addresses the agent (45 turns), which answers after one
+  tool round (``current_time``); reply mode ``addressed``, rate limiting on;
+- the cleanup runs every minute, as scheduled;
+- at the end everyone sends ``leave`` and disconnects; the session expires
+  and the cleanup deletes it.
 
-The agent is the offline stand-in streaming 20 ms per word (its local
-default), so delta posts are what a ~1 s streamed reply produces; a real
-model streaming longer sends more (one delta frame per 100 ms per recipient,
-shown as a sensitivity line).
+The agent is the offline stand-in streaming 20 ms per word, so a reply
+streams for about a second: the delta posts and the turn's milliseconds are
+that stand-in's, not a real model's (the bill shows a real model's wait as a
+separate line). Lambda milliseconds are each handler call timed in this
+process, against a local endpoint: local figures, not Lambda's billed ones.
 
-Prices (public list prices, may change): Upstash pay-as-you-go $0.20 per 100K
-commands; API Gateway WebSocket $1.00 per million messages (billed in 32 KB
-increments) and $0.25 per million connection minutes (us-east-1); Lambda arm64
-$0.0000133334 per GB-second.
+Prices (public list prices, us-east-1; they change): see :data:`PRICES`.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 from collections import Counter
 from typing import Any
 
 from ._measure import Report, print_table
 from ._stack import Endpoint
 
-__all__ = ["run"]
+__all__ = ["PRICES", "run"]
 
-PARTICIPANTS = ("ada", "bob", "cy")
-MESSAGES, QUICK_MESSAGES = 30, 3
-MEETING_MINUTES = 30
-PINGS_PER_PARTICIPANT = 1
+PARTICIPANTS = ("ada", "bob", "cy", "dee", "eve", "fay", "gus", "hal")
+SPEAKERS = PARTICIPANTS[:6]
+MEETING_SECONDS, QUICK_MEETING_SECONDS = 3600, 240
+MESSAGE_EVERY = 20
+ADDRESSED_EVERY = 4  # a quarter of the messages ask the agent
+KEEPALIVE_SECONDS = 240  # the browser client pings after 4 minutes without sending
+CLEANUP_EVERY = 60
+STAND_IN_DELAY = 0.02  # the offline model's local default, seconds per word
+ASSUMED_MODEL_SECONDS = 6.0  # a real model's time per turn (two calls), for the bill only
 
-UPSTASH_PER_COMMAND = 0.20 / 100_000
-APIGW_PER_MESSAGE = 1.00 / 1_000_000
-APIGW_PER_CONNECTION_MINUTE = 0.25 / 1_000_000
-LAMBDA_PER_GB_SECOND = 0.0000133334
-MESSAGE_UNIT = 32 * 1024
+# Public list prices, us-east-1, Arm Lambda; per unit.
+PRICES = {
+    "upstash_command": 0.20 / 100_000,  # https://upstash.com/docs/redis/overall/billing
+    "apigw_message": 1.00 / 1_000_000,  # https://aws.amazon.com/api-gateway/pricing/
+    "apigw_connection_minute": 0.25 / 1_000_000,
+    "lambda_request": 0.20 / 1_000_000,  # https://aws.amazon.com/lambda/pricing/
+    "lambda_gb_second": 0.0000133334,
+    "sqs_fifo_request": 0.50 / 1_000_000,  # https://aws.amazon.com/sqs/pricing/
+}
+MESSAGE_UNIT = 32 * 1024  # API Gateway bills messages in 32 KB increments
+# template.yaml: Globals MemorySize 512, the turn worker 1024.
+MEMORY_GB = {"turn": 1.0}
+DEFAULT_MEMORY_GB = 0.5
+# SQS requests per turn on AWS: SendMessage here, then Lambda's poller receives
+# and deletes it (an assumption: batches of one, as turns of a session are apart).
+SQS_REQUESTS_PER_TURN = 3
 
-# Assumed Lambda billed durations (not measured here) and memory (template.yaml).
-ASSUMED_SECONDS = {"connect": 0.04, "message": 0.04, "disconnect": 0.04, "turn": 5.0}
-MEMORY_GB = {"connect": 0.5, "message": 0.5, "disconnect": 0.5, "turn": 1.0, "cleanup": 0.5}
-CLEANUP_RUN_SECONDS = 0.1
-DELTA_INTERVAL = 0.1  # rejoin.turns.DELTA_INTERVAL
-REAL_REPLY_SECONDS = 5.0
+LINES = (
+    "can we go through the launch checklist?",
+    "I think the docs are done, the load test is not",
+    "who owns the rollback plan?",
+    "let's keep the numbers in the shared sheet",
+)
 
 
 def _units(sizes: list[int]) -> int:
     return sum(max(1, math.ceil(size / MESSAGE_UNIT)) for size in sizes)
 
 
+def _session_bytes(cmdstats: Any, prefix: str, sid: str) -> int:
+    """Bytes the session's keys take in Redis (``MEMORY USAGE``, exact)."""
+    r = cmdstats.client()
+    total = 0
+    for key in r.scan_iter(match=f"{prefix}:{{{sid}}}:*", count=500):
+        total += int(r.memory_usage(key, samples=0) or 0)
+    return total
+
+
 def run(endpoint: Endpoint, meter: Any, report: Report, *, quick: bool) -> None:
-    """Replay the meeting, print the bill."""
-    import agents
-
-    from rejoin.models import OfflineModel, make_current_time_tool
-
-    from .rooms import Counts, build_stack
-
-    n_messages = QUICK_MESSAGES if quick else MESSAGES
-    agent = agents.Agent(
-        name="agent",
-        instructions="bench",
-        model=OfflineModel(delay=0 if quick else 0.02),
-        tools=[make_current_time_tool()],
+    """Replay the meeting, print what it cost and record it in ``report.data["meeting"]``."""
+    from .rooms import (
+        DEPLOYED,
+        PAST_GRACE,
+        Counts,
+        build_stack,
+        ecpu_estimate,
+        streaming_agent,
+        warm_scripts,
     )
-    stack = build_stack(endpoint, agent, rate_limit=20, rate_window_seconds=10)
+
+    # Steady state: no script misses Redis' cache (the cleanup bench flushed it).
+    warm_scripts(endpoint, meter)
+    seconds = QUICK_MEETING_SECONDS if quick else MEETING_SECONDS
+    stack = build_stack(endpoint, streaming_agent(0 if quick else STAND_IN_DELAY), **DEPLOYED)
     sid = "meeting"
-    total = Counts()
     per_kind: dict[str, Counts] = {}
-    invocations: Counter[str] = Counter()
     inbound: list[int] = []
-    turn_posts: list[int] = []
 
     def op(kind: str, call: Any, frame_bytes: int = 0) -> Any:
         result, counts = meter.measure(stack, call)
-        total.add(counts)
         per_kind.setdefault(kind, Counts()).add(counts)
         if frame_bytes:
             inbound.append(frame_bytes)
-        if kind == "turn":
-            turn_posts.append(counts.posts)
         return result
 
-    def join(user: str, **resume: Any) -> tuple[str, dict[str, Any]]:
-        status, cid = op("connect", lambda: stack.connect(sid, user))
-        assert status == 200, status
-        invocations["connect"] += 1
-        welcome = op("resume", lambda: stack.resume(cid, **resume), frame_bytes=60)
-        invocations["message"] += 1
-        return cid, welcome
-
-    def say(cid: str, text: str) -> None:
-        op("say", lambda: stack.say(cid, text), frame_bytes=len(text) + 40)
-        invocations["message"] += 1
-        results = op("turn", stack.run_turns)
-        invocations["turn"] += len(results)
-
     cids: dict[str, str] = {}
-    epoch = ""
+    last_sent: dict[str, float] = {}
     for user in PARTICIPANTS:
-        cids[user], welcome = join(user)
-        epoch = welcome["epoch"]
-    _, fixed = meter.measure(stack, stack.cleanup)  # what every scheduled run costs
-    lines = [
-        "can we go through the launch checklist?",
-        "I think the docs are done, the load test is not",
-        "agent, please keep a list of open items",
-    ]
-    for i in range(n_messages):
-        user = PARTICIPANTS[i % len(PARTICIPANTS)]
-        say(cids[user], f"{lines[i % len(lines)]} ({i + 1})")
-        if i == n_messages // 2 - 1 or (quick and i == 0):
-            for u in PARTICIPANTS:  # everyone drops once and comes back
-                last = max((f["seq"] for f in stack.logged(cids[u])), default=0)
-                op("disconnect", lambda u=u: stack.drop(cids[u]))
-                invocations["disconnect"] += 1
-                cids[u], _ = join(u, epoch=epoch, last_seq=last)
-            for u in PARTICIPANTS:
+        # Tokens outlive the meeting (the harness' default lives an hour).
+        token = stack.token(sid, user, ttl=3 * 3600)
+        status, cids[user] = op("$connect", lambda u=user, t=token: stack.connect(sid, u, token=t))
+        assert status == 200, status
+        op("resume", lambda u=user: stack.resume(cids[u]), frame_bytes=20)
+        last_sent[user] = stack.clock()
+    start = stack.clock()
+    n_messages = seconds // MESSAGE_EVERY
+    turns = 0
+    for k in range(1, n_messages + 1):
+        stack.clock.advance(MESSAGE_EVERY)
+        now = stack.clock() - start
+        user = SPEAKERS[(k - 1) % len(SPEAKERS)]
+        addressed = k % ADDRESSED_EVERY == 0
+        line = "@agent what time is it now?" if addressed else LINES[k % len(LINES)]
+        text = f"{line} ({k})"
+        ack = op("say", lambda u=user, t=text: stack.say(cids[u], t), frame_bytes=len(text) + 40)
+        assert ack["type"] == "ack", ack
+        last_sent[user] = stack.clock()
+        if addressed:
+            op("turn", stack.run_turns)
+            turns += 1
+        for u in PARTICIPANTS:
+            if stack.clock() - last_sent[u] >= KEEPALIVE_SECONDS:
                 op("ping", lambda u=u: stack.send(cids[u], {"action": "ping"}), frame_bytes=17)
-                invocations["message"] += 1
+                last_sent[u] = stack.clock()
+        if now % CLEANUP_EVERY == 0:
+            op("cleanup, scheduled runs", stack.cleanup)
+    replies = len(stack.frames(cids[PARTICIPANTS[-1]], "agent_message"))
+    session_bytes = _session_bytes(meter.cmdstats, stack.settings.key_prefix, sid)
     for u in PARTICIPANTS:
-        op("disconnect", lambda u=u: stack.drop(cids[u]))
-        invocations["disconnect"] += 1
-    stack.clock.advance(stack.settings.grace_seconds + 3)
-    swept = op("cleanup", stack.cleanup)
-    assert swept["expired"] == [sid], swept
-    # The scheduled run's own cost exists with or without conversations.
-    sweep_only = per_kind["cleanup"]
-    total.requests -= fixed.requests
-    total.commands -= fixed.commands
-    total.redis_commands -= fixed.redis_commands
+        op("leave", lambda u=u: stack.send(cids[u], {"action": "leave"}), frame_bytes=18)
+        op("$disconnect", lambda u=u: stack.drop(cids[u]))
+    stack.clock.advance(stack.settings.grace_seconds + PAST_GRACE)
+    swept = op("cleanup, deletes the session", stack.cleanup)
+    report.check(f"the meeting's {turns} turns each sent an agent_message", replies == turns)
+    report.check("the cleanup deleted the meeting after its grace", swept["expired"] == [sid])
 
-    upstash_cmds = total.commands
-    posts_units = _units(total.post_bytes)
-    inbound_units = _units(inbound)
-    apigw_messages = posts_units + inbound_units
-    conn_minutes = len(PARTICIPANTS) * MEETING_MINUTES
-    gb_s = sum(invocations[k] * ASSUMED_SECONDS[k] * MEMORY_GB[k] for k in ASSUMED_SECONDS)
-    rows_ops = []
-    for kind in ("connect", "resume", "say", "turn", "ping", "disconnect", "cleanup"):
-        c = per_kind.get(kind, Counts())
-        if kind == "cleanup":
-            c = Counts(
-                requests=sweep_only.requests - fixed.requests,
-                commands=sweep_only.commands - fixed.commands,
-                redis_commands=sweep_only.redis_commands - fixed.redis_commands,
-                posts=sweep_only.posts,
-            )
-        rows_ops.append([kind, c.requests, c.commands, c.redis_commands, c.posts])
-    rows_ops.append(["total", total.requests, total.commands, total.redis_commands, total.posts])
-    print_table(
-        f"Sample meeting replayed: {len(PARTICIPANTS)} participants, {n_messages} messages, "
-        f"{invocations['turn']} turns, {invocations['connect']} connects (measured)",
-        ["what", "Upstash requests", "Upstash commands", "Redis cmds inside scripts", "posts"],
-        rows_ops,
-    )
-    deltas_per_turn = (
-        sum(turn_posts) / max(1, len(turn_posts)) / len(PARTICIPANTS) - 1  # minus the final
-    )
-    costs = {
-        "upstash": upstash_cmds * UPSTASH_PER_COMMAND,
-        "apigw_messages": apigw_messages * APIGW_PER_MESSAGE,
-        "apigw_minutes": conn_minutes * APIGW_PER_CONNECTION_MINUTE,
-        "lambda": gb_s * LAMBDA_PER_GB_SECOND,
-    }
-    rows = [
+    baseline = report.data["redis_baseline"]
+    total = Counts()
+    for c in per_kind.values():
+        total.add(c)
+    scheduled = per_kind.get("cleanup, scheduled runs", Counts())
+    runs = sum(1 for i in scheduled.invocations if i.function == "cleanup")
+    # Each scheduled run reads the schedule index once: a cost of the deployment,
+    # whatever it finds; the rest of the runs' requests are this meeting's visits.
+    fixed_reads = Counter(scheduled.scripts).get("due", 0)
+    meeting_requests = total.requests - fixed_reads
+    meeting_commands = total.commands - fixed_reads
+
+    rows = []
+    for kind, c in per_kind.items():
+        entry = c.to_json()
+        rows.append(
+            [
+                kind,
+                len([i for i in c.invocations if i.function != "authorize"]) or "-",
+                c.requests,
+                c.commands,
+                c.redis_commands,
+                ecpu_estimate(entry, baseline),
+                c.posts,
+                c.deltas,
+                c.sqs_messages,
+                _invocations(c),
+            ]
+        )
+    entry = total.to_json()
+    total_ecpu = sum(ecpu_estimate(c.to_json(), baseline) for c in per_kind.values())
+    rows.append(
         [
+            "total",
+            "",
+            total.requests,
+            total.commands,
+            total.redis_commands,
+            total_ecpu,
+            total.posts,
+            total.deltas,
+            total.sqs_messages,
+            _invocations(total),
+        ]
+    )
+    minutes = seconds // 60
+    print_table(
+        f"A {minutes}-minute meeting replayed: {len(PARTICIPANTS)} participants "
+        f"({len(SPEAKERS)} speak), a message every {MESSAGE_EVERY} s ({n_messages}), "
+        f"{turns} turns with one tool round (measured)",
+        [
+            "what",
+            "times",
+            "Upstash requests",
             "Upstash commands",
-            f"{upstash_cmds:,} ({total.requests:,} requests)",
+            "Redis cmds inside scripts",
+            "ECPUs (estimate)",
+            "posts",
+            "of which deltas",
+            "SQS messages",
+            "Lambda invocations: median ms here",
+        ],
+        rows,
+    )
+
+    invocations = _by_function(total)
+    gb_s = sum(
+        v["total_ms"] / 1000 * MEMORY_GB.get(fn, DEFAULT_MEMORY_GB) for fn, v in invocations.items()
+    )
+    n_invocations = sum(v["count"] for v in invocations.values())
+    post_units = _units(total.post_bytes)
+    inbound_units = _units(inbound)
+    conn_minutes = len(PARTICIPANTS) * minutes
+    model_gb_s = turns * ASSUMED_MODEL_SECONDS * MEMORY_GB["turn"]
+    costs = {
+        "upstash": meeting_commands * PRICES["upstash_command"],
+        "apigw_messages": (post_units + inbound_units) * PRICES["apigw_message"],
+        "apigw_minutes": conn_minutes * PRICES["apigw_connection_minute"],
+        "lambda": n_invocations * PRICES["lambda_request"] + gb_s * PRICES["lambda_gb_second"],
+        "sqs": turns * SQS_REQUESTS_PER_TURN * PRICES["sqs_fifo_request"],
+    }
+    model_wait = model_gb_s * PRICES["lambda_gb_second"]
+    bill = [
+        [
+            "Upstash commands (pay as you go)",
+            f"{meeting_commands:,} ({meeting_requests:,} requests)",
             "$0.20 / 100K",
             f"${costs['upstash']:.5f}",
             "measured",
         ],
         [
             "API Gateway messages",
-            f"{apigw_messages:,} = {inbound_units} in + {posts_units:,} out",
+            f"{post_units + inbound_units:,} = {inbound_units} in + {post_units:,} out",
             "$1.00 / 1M (32 KB units)",
             f"${costs['apigw_messages']:.5f}",
             "measured (frames, posts)",
         ],
         [
             "API Gateway connection minutes",
-            f"{conn_minutes} = {len(PARTICIPANTS)} x {MEETING_MINUTES} min",
+            f"{conn_minutes:,} = {len(PARTICIPANTS)} x {minutes}",
             "$0.25 / 1M",
             f"${costs['apigw_minutes']:.6f}",
-            "assumed (meeting length)",
+            "the meeting's length",
         ],
         [
-            "Lambda GB-seconds",
-            f"{gb_s:.1f} ({sum(invocations.values())} invocations)",
-            "$0.0000133334 / GB-s",
+            "Lambda requests + GB-s",
+            f"{n_invocations} invocations, {gb_s:.1f} GB-s",
+            "$0.20 / 1M + $0.0000133334 / GB-s",
             f"${costs['lambda']:.5f}",
-            "invocations measured, durations assumed",
+            "invocations measured, ms measured here",
         ],
-        ["total", "", "", f"${sum(costs.values()):.5f}", ""],
+        [
+            "SQS FIFO requests",
+            f"{turns * SQS_REQUESTS_PER_TURN} = {turns} turns x {SQS_REQUESTS_PER_TURN}",
+            "$0.50 / 1M",
+            f"${costs['sqs']:.6f}",
+            "turns measured; receive + delete assumed",
+        ],
+        ["total", "", "", f"${sum(costs.values()):.5f}", "model tokens not included"],
+        [
+            "(+ a real model's wait)",
+            f"{model_gb_s:.0f} GB-s = {turns} turns x {ASSUMED_MODEL_SECONDS:g} s x 1 GB",
+            "$0.0000133334 / GB-s",
+            f"${model_wait:.5f}",
+            "assumed model time",
+        ],
     ]
     print_table(
-        "What this meeting costs (list prices; model tokens not included)",
+        f"What the {minutes}-minute meeting costs (list prices, us-east-1)",
         ["item", "count", "unit price", "cost", "source"],
-        rows,
+        bill,
     )
-    deltas_real = REAL_REPLY_SECONDS / DELTA_INTERVAL
-    extra = (deltas_real - deltas_per_turn) * invocations["turn"] * len(PARTICIPANTS)
     print(
-        f"Agent deltas: {deltas_per_turn:.1f} delta posts per recipient per turn were measured "
-        f"(offline model, 20 ms/word). A real reply streaming for {REAL_REPLY_SECONDS:.0f} s "
-        f"sends up to {deltas_real:.0f} per recipient (one per {DELTA_INTERVAL} s): "
-        f"+{extra:,.0f} messages, +${extra * APIGW_PER_MESSAGE:.4f}."
+        f"The cleanup ran {runs} times ({fixed_reads} index reads: the deployment's, not the "
+        f"meeting's); the session's keys held {session_bytes:,} bytes at the end."
     )
-    if total.redis_commands:
-        print(
-            f"Upper bound if Upstash billed the commands scripts run inside Redis: "
-            f"{total.redis_commands:,} commands, ${total.redis_commands * UPSTASH_PER_COMMAND:.5f}."
-        )
-    runs = 60 * 24 * 30
-    monthly_cmds = runs * fixed.commands
-    monthly_gb_s = runs * CLEANUP_RUN_SECONDS * MEMORY_GB["cleanup"]
-    print(
-        f"Fixed, per deployment: the cleanup runs every minute ({fixed.requests} requests, "
-        f"{fixed.commands} commands when there is nothing to do): {monthly_cmds:,} commands "
-        f"= ${monthly_cmds * UPSTASH_PER_COMMAND:.2f}/month, plus {monthly_gb_s:,.0f} GB-s "
-        f"(assumed {CLEANUP_RUN_SECONDS * 1000:.0f} ms/run) = "
-        f"${monthly_gb_s * LAMBDA_PER_GB_SECOND:.3f}/month."
-    )
-    report.data["conversation"] = {
-        "participants": len(PARTICIPANTS),
+    report.data["meeting"] = {
+        "shape": {
+            "minutes": minutes,
+            "participants": len(PARTICIPANTS),
+            "speakers": len(SPEAKERS),
+            "message_every_s": MESSAGE_EVERY,
+            "addressed_share": 1 / ADDRESSED_EVERY,
+            "tool_rounds": 1,
+            "keepalive_s": KEEPALIVE_SECONDS,
+            "stand_in_seconds_per_word": 0 if quick else STAND_IN_DELAY,
+        },
         "messages": n_messages,
-        "invocations": dict(invocations),
-        "upstash_requests": total.requests,
-        "upstash_commands": upstash_cmds,
-        "redis_commands_inside": total.redis_commands,
-        "posts": total.posts,
-        "post_units": posts_units,
+        "turns": turns,
         "inbound_frames": len(inbound),
-        "deltas_per_recipient_per_turn": deltas_per_turn,
+        "inbound_units": inbound_units,
+        "post_units": post_units,
         "connection_minutes": conn_minutes,
-        "gb_seconds_assumed": gb_s,
+        "session_bytes_at_end": session_bytes,
+        "cleanup_runs": runs,
+        "cleanup_index_reads": fixed_reads,
+        "meeting_requests": meeting_requests,
+        "meeting_commands": meeting_commands,
+        "per_kind": {
+            kind: c.to_json() | {"ecpu_estimate": round(ecpu_estimate(c.to_json(), baseline), 2)}
+            for kind, c in per_kind.items()
+        },
+        # Estimated per kind of operation, then added up.
+        "total": entry | {"ecpu_estimate": round(total_ecpu, 2)},
+        "invocations": invocations,
+        "gb_seconds_measured": gb_s,
         "costs_usd": costs,
-        "cleanup_fixed_per_run": {"requests": fixed.requests, "commands": fixed.commands},
     }
+
+
+def _by_function(c: Any) -> dict[str, dict[str, float]]:
+    out: dict[str, list[float]] = {}
+    for i in c.invocations:
+        out.setdefault(i.function, []).append(i.ms)
+    return {
+        fn: {
+            "count": len(ms),
+            "median_ms": statistics.median(ms),
+            "total_ms": sum(ms),
+        }
+        for fn, ms in sorted(out.items())
+    }
+
+
+def _invocations(c: Any) -> str:
+    parts = []
+    for fn, v in _by_function(c).items():
+        parts.append(f"{fn} x{v['count']}: {v['median_ms']:.1f}")
+    return ", ".join(parts) or "-"
