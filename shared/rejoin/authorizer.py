@@ -21,12 +21,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import AuthError, InvalidSessionId, RejoinError
 from .keys import validate_session_id
 from .observability import bind
-from .tokens import Grant, Participant
+from .participants import Participant
+
+if TYPE_CHECKING:
+    from .tokens import Grant
 
 __all__ = ["Identity", "Unauthorized", "authorize", "identity_from_context"]
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import re
 import sys
 import time
 from collections.abc import Callable
@@ -46,6 +45,7 @@ from .errors import (
     TokenWrongSession,
 )
 from .keys import validate_session_id
+from .participants import Participant
 
 if TYPE_CHECKING:
     from jwt import PyJWK
@@ -77,11 +77,6 @@ MAX_TTL_ENV = "REJOIN_TOKEN_MAX_TTL_SECONDS"
 # may run a little ahead of ours, never minutes or years.
 DEFAULT_IAT_LEEWAY_SECONDS = 60
 
-_USER_ID = re.compile(r"[A-Za-z0-9_.@:-]{1,128}")
-_MAX_NAME = 80
-# Zero-width (non-)joiners are format characters that str.isprintable()
-# refuses, but emoji sequences and some scripts need them.
-_JOINERS = frozenset("\u200c\u200d")
 _REQUIRED = ("sub", "name", "sid", "iat", "exp", "aud")
 _HMAC_ALGORITHMS = ("HS256",)
 _JWKS_ALGORITHMS = ("RS256", "ES256")
@@ -93,38 +88,6 @@ class JwksClient(Protocol):
     def get_signing_key_from_jwt(self, token: str) -> PyJWK:
         """Return the public key named by the token's ``kid`` header."""
         ...
-
-
-@dataclass(frozen=True)
-class Participant:
-    """A person in a session.
-
-    Attributes:
-        user_id: 1-128 characters of ``A-Za-z0-9_-.@:``.
-        name: the display name: 1-80 printable characters, stripped of
-            surrounding whitespace on construction.
-
-    Raises:
-        InvalidParticipant: on construction, when a field breaks its rule.
-    """
-
-    user_id: str
-    name: str
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.user_id, str) or not _USER_ID.fullmatch(self.user_id):
-            raise InvalidParticipant("user id must be 1-128 characters of A-Za-z0-9_-.@:")
-        if not isinstance(self.name, str):
-            raise InvalidParticipant("name must be a string")
-        name = self.name.strip()
-        if not 1 <= len(name) <= _MAX_NAME or not _printable(name):
-            raise InvalidParticipant(f"name must be 1-{_MAX_NAME} printable characters")
-        # Frozen: the stripped name is stored the one way a frozen dataclass allows.
-        object.__setattr__(self, "name", name)
-
-
-def _printable(text: str) -> bool:
-    return text.isprintable() or all(c.isprintable() or c in _JOINERS for c in text)
 
 
 @dataclass(frozen=True)
