@@ -1,4 +1,4 @@
-"""``python -m bench [--quick] [--only store|rooms|meeting|broadcast|scale] [--json PATH]``.
+"""``python -m bench [--quick] [--only NAME] [--json PATH]`` (NAME: see ``--help``).
 
 Starts a private ``redis-server`` (never the shared one) and the local
 Upstash-compatible endpoint in front of it, runs the benchmarks, prints their
@@ -68,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="a reduced run (a few seconds)")
     parser.add_argument(
         "--only",
-        choices=["store", "rooms", "meeting", "broadcast", "scale"],
+        choices=["store", "rooms", "meeting", "encryption", "broadcast", "scale"],
         help="run one benchmark",
     )
     parser.add_argument("--json", metavar="PATH", help="also write the raw figures as JSON")
@@ -106,17 +106,23 @@ def _main(args: argparse.Namespace) -> int:
         from bench import scale
 
         return scale.main([])
-    from bench import broadcast, meeting, rooms, store
+    from bench import broadcast, encryption, meeting, rooms, store
 
     started = time.monotonic()
     print(f"# rejoin benchmarks{' (quick)' if args.quick else ''}")
     print(f"\n{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC; {_machine()}")
     reports: list[Report] = []
     crashed = False
-    if args.only in (None, "store", "rooms", "meeting"):
+    if args.only in (None, "store", "rooms", "meeting", "encryption"):
         with private_redis() as redis_url, upstash_endpoint(redis_url) as endpoint:
             print(f"private redis-server at {redis_url}; Upstash endpoint {endpoint.url}")
-            for name, module in (("store", store), ("rooms", rooms), ("meeting", meeting)):
+            benchmarks = (
+                ("store", store),
+                ("rooms", rooms),
+                ("meeting", meeting),
+                ("encryption", encryption),
+            )
+            for name, module in benchmarks:
                 if args.only and args.only != name:
                     continue
                 try:

@@ -34,6 +34,7 @@ SECTIONS = [
     "-minute meeting costs",
     "## Meeting benchmark",
     "Input tokens of a turn's first model request, by meeting minute",
+    "## Encryption at rest: cost per turn",
     "## Goals",
 ]
 GOALS = [
@@ -43,6 +44,7 @@ GOALS = [
     "every later frame (resume, ping, stop, leave, $disconnect)",
     "cleanup, extra requests per expired session, cold",
     "cold import of functions/connect / import boto3",
+    "say + turn, encrypted / plain (median time)",
 ]
 COUNTS = ROOT / "bench" / "counts.json"
 
