@@ -111,7 +111,8 @@ QUOTAS: tuple[Quota, ...] = (
         _stage_throttle(),
         "requests/s",
         TEMPLATE,
-        "raise `ApiThrottlingRateLimit` (`sam deploy --parameter-overrides`); it cannot "
+        "raise `ApiThrottlingRateLimit` (`make deploy ARGS='--parameter-overrides "
+        "ApiThrottlingRateLimit=...'`); it cannot "
         "exceed the account quota below",
     ),
     Quota(
@@ -157,7 +158,7 @@ QUOTAS: tuple[Quota, ...] = (
         100e9,
         "bytes",
         UPSTASH_BILLING,
-        "a Fixed plan or several databases; keep `REJOIN_HISTORY_LIMIT` and the event log cap",
+        "a Fixed plan or several databases; keep `REJOIN_HISTORY_MAX_ITEMS` and the event log cap",
     ),
     Quota(
         "sqs_queue",

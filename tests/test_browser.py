@@ -246,9 +246,9 @@ def agent_reply_to(page: Any, text: str) -> dict[str, Any]:
 
     def find() -> dict[str, Any] | None:
         s = state(page)
-        ids = [e["id"] for e in s["events"] if e["type"] == "message" and e["text"] == text]
+        seqs = [e["seq"] for e in s["events"] if e["type"] == "message" and e["text"] == text]
         for e in s["events"]:
-            if e["type"] == "agent_message" and ids and e["turn"] == ids[0]:
+            if e["type"] == "agent_message" and seqs and e["reply_to"] == seqs[0]:
                 return e
         return None
 

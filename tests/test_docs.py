@@ -412,6 +412,11 @@ RULES: list[Rule] = [
     skip(r'make test(?: ARGS="[^"]*")?', SUITE),
     skip(r"bash scripts/check-template\.sh", "`make test` runs it before pytest (scripts/test.sh)"),
     skip(r"\.venv/bin/python -m pytest .*", SUITE),
+    run(r"\.venv/bin/python -m bench\.scale", expect("| sessions", "first limit reached")),
+    skip(r"\.venv/bin/python -m bench\.scale --write docs/scale\.md", "rewrites docs/scale.md; "
+         "tests/test_scale.py checks the page equals what it would write"),
+    skip(r"\.venv/bin/python -m bench --only rooms", "measures for minutes on every core; "
+         "tests/test_bench_smoke.py runs it small inside `make test`"),
     skip(r"make bench", "the benchmarks take minutes of every core; tests/test_bench_smoke.py "
          "runs them small inside `make test`"),
     skip(r"make build", INTERNET + "; `make test` builds the same artefacts"),

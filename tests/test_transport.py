@@ -598,11 +598,10 @@ class TestRedisSessionShape:
 # --- the rooms, unchanged, over TCP ------------------------------------------------------------
 
 
-@pytest.fixture
-def tcp_stack(upstash: Any, tcp_url: str) -> Iterator[Any]:
-    """The whole deployment with its store configured as a redis:// URL (no factory)."""
-    stack = make_stack(upstash, agent=offline_agent(), rate_limit=3, rate_window_seconds=60)
-    settings = replace(stack.settings, store_url=tcp_url, upstash_url="", upstash_token="")
+def _stack_on(upstash: Any, url: str, **overrides: Any) -> Any:
+    """The whole deployment with its store configured as a URL (no factory), as on AWS."""
+    stack = make_stack(upstash, agent=offline_agent(), **overrides)
+    settings = replace(stack.settings, store_url=url, upstash_url="", upstash_token="")
     stack.settings = settings
     stack.rt = Runtime(
         settings,
@@ -612,7 +611,13 @@ def tcp_stack(upstash: Any, tcp_url: str) -> Iterator[Any]:
         agent_factory=lambda rt: stack.agent,
     )
     set_runtime(stack.rt)
-    yield stack
+    return stack
+
+
+@pytest.fixture
+def tcp_stack(upstash: Any, tcp_url: str) -> Iterator[Any]:
+    """The whole deployment with its store configured as a redis:// URL."""
+    yield _stack_on(upstash, tcp_url, rate_limit=3, rate_window_seconds=60)
     set_runtime(None)
 
 
@@ -662,19 +667,7 @@ class TestRoomsOverTcp:
 @pytest.fixture
 def cluster_stack(upstash: Any, redis_cluster: Any) -> Iterator[Any]:
     """The whole deployment on a three-node Redis Cluster (redis+cluster://)."""
-    stack = make_stack(upstash, agent=offline_agent())
-    url = str(redis_cluster.url).replace("redis://", "redis+cluster://", 1)
-    settings = replace(stack.settings, store_url=url, upstash_url="", upstash_token="")
-    stack.settings = settings
-    stack.rt = Runtime(
-        settings,
-        clock=stack.clock,
-        sender=stack.sender,
-        queue=stack.queue,
-        agent_factory=lambda rt: stack.agent,
-    )
-    set_runtime(stack.rt)
-    yield stack
+    yield _stack_on(upstash, str(redis_cluster.url).replace("redis://", "redis+cluster://", 1))
     set_runtime(None)
 
 

@@ -52,7 +52,7 @@ if TYPE_CHECKING:
     from agents.items import TResponseInputItem
     from agents.memory import Session, SessionSettings
 
-__all__ = ["WindowedSession", "estimate_tokens", "safe_start", "safe_window"]
+__all__ = ["CALL_OUTPUT", "WindowedSession", "estimate_tokens", "safe_start", "safe_window"]
 
 T = TypeVar("T")
 
@@ -60,7 +60,7 @@ T = TypeVar("T")
 ITEM_OVERHEAD_TOKENS = 4
 
 # call type -> output type; both carry the same `call_id`.
-_CALL_OUTPUT: dict[str, str] = {
+CALL_OUTPUT: dict[str, str] = {
     "function_call": "function_call_output",
     "custom_tool_call": "custom_tool_call_output",
     "computer_call": "computer_call_output",
@@ -70,7 +70,7 @@ _CALL_OUTPUT: dict[str, str] = {
     "tool_search_call": "tool_search_output",
     "program": "program_output",
 }
-_OUTPUT_CALL = {output: call for call, output in _CALL_OUTPUT.items()}
+_OUTPUT_CALL = {output: call for call, output in CALL_OUTPUT.items()}
 # Not text the model reads: left out of the token estimate.
 _NOT_TEXT = frozenset({"id", "call_id", "role", "status", "type", "annotations", "logprobs"})
 
@@ -130,7 +130,7 @@ def _links(items: Sequence[Any]) -> list[tuple[int, int]]:
         call_id = _get(item, "call_id")
         if kind == "local_shell_call_output" and not isinstance(call_id, str):
             call_id = _get(item, "id")  # the API's schema names the call by `id` here
-        if kind in _CALL_OUTPUT:
+        if kind in CALL_OUTPUT:
             if isinstance(call_id, str):
                 calls[(kind, call_id)] = j
             elif kind == "tool_search_call":

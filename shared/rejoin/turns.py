@@ -49,6 +49,7 @@ from .compaction import (
 from .errors import CompactionError, RejoinError, SessionGone, StoreError, TurnBusy
 from .fanout import publish
 from .frames import agent_delta_frame, error_frame
+from .history import CALL_OUTPUT
 from .models import build_model, make_current_time_tool
 from .observability import bind, count, log_failure, logger, register_flush
 from .queue import TurnRequest
@@ -76,14 +77,7 @@ POLL_FIRST = 1.5
 POLL_EVERY = 3.0
 
 # Item types that are a call answered by an output item with the same call_id.
-_CALLS = {
-    "function_call": "function_call_output",
-    "custom_tool_call": "custom_tool_call_output",
-    "computer_call": "computer_call_output",
-    "local_shell_call": "local_shell_call_output",
-    "shell_call": "shell_call_output",
-    "apply_patch_call": "apply_patch_call_output",
-}
+_CALLS = CALL_OUTPUT
 _OUTPUTS = set(_CALLS.values())
 
 

@@ -1001,7 +1001,10 @@
       connected: !!state.ws && state.welcomed,
       events: seqs.map((seq) => {
         const e = state.events.get(seq);
-        return { seq, type: e.type, user: e.user, text: e.text, status: e.status, turn: e.turn, id: e.id };
+        return {
+          seq, type: e.type, user: e.user, text: e.text, status: e.status, turn: e.turn,
+          reply_to: e.reply_to, id: e.id,
+        };
       }),
       participants: Array.from(state.participants.values()).map((p) => ({ ...p })),
       people: Array.from($("participants").children).map((li) => ({
