@@ -401,3 +401,23 @@ async def test_calling_add_items_again_after_unavailable_stores_it_once(
     await s.add_items([{"role": "user", "content": "once"}])
     assert len(await s.get_items()) == 2
     await client.close()
+
+
+async def test_idempotency_records_never_outlive_the_sessions_ttl(
+    upstash: Any, raw_redis: redis.Redis
+) -> None:
+    from rejoin import upstash_client
+
+    client = upstash_client(upstash.url, upstash.token)
+    # GIVEN a session that expires 100 s after its last use
+    s = UpstashSession("store-ttl", redis=client, ttl_seconds=100)
+    await s.add_items([{"role": "user", "content": "one"}, {"role": "user", "content": "two"}])
+    await s.pop_item()  # records its answer too
+    # THEN the operation records expire with it, not 15 minutes later
+    for key in (s.keys.items, s.keys.ops, s.keys.results):
+        assert 0 < raw_redis.pttl(key) <= 100_000, key
+    # AND without a TTL they are kept 15 minutes (for a client's retries), no more
+    forever = UpstashSession("store-no-ttl", redis=client)
+    await forever.add_items([{"role": "user", "content": "one"}])
+    assert raw_redis.pttl(forever.keys.items) == -1
+    assert 0 < raw_redis.pttl(forever.keys.ops) <= 900_000
