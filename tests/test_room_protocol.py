@@ -183,6 +183,20 @@ class TestEveryFrameCosts:
         finally:
             set_runtime(None)
 
+    def test_leave_is_counted_but_never_refused(self, upstash):
+        stack = make_stack(upstash, agent=offline_agent(), rate_limit=2, rate_window_seconds=60)
+        try:
+            ada, _ = stack.join("cost3", "ada")
+            other, _ = stack.join("cost3", "bob")
+            stack.send(ada, {"action": "ping"})
+            assert stack.say(ada, "over")["code"] == "rate_limited"  # the budget is spent
+            stack.send(ada, {"action": "leave"})
+            # THEN the leave went through all the same: Ada is shown as left
+            assert stack.last(ada, "left")
+            assert stack.last(other, "presence")["status"] == "left"
+        finally:
+            set_runtime(None)
+
     def test_forty_resumes_do_not_get_forty_welcomes(self, upstash):
         stack = make_stack(upstash, agent=offline_agent(), rate_limit=20, rate_window_seconds=10)
         try:

@@ -147,14 +147,18 @@ local function wait_for(prev, cur)
   local t = cfg.rw - (cfg.rl - cur - 1) * cfg.rw / prev
   return math.max(1, math.ceil(t - elapsed))
 end
-local function over_limit(conn, user)
+-- With `always`, the frame is counted but never refused (`leave`: refusing it
+-- would leave the participant shown as there).
+local function over_limit(conn, user, always)
   if cfg.rl <= 0 then return nil end
   local fields = {'c:' .. conn, 'u:' .. user}
   local state = {}
   for i, f in ipairs(fields) do
     local w, prev, cur = window(f)
     local elapsed = now % cfg.rw
-    if prev * (cfg.rw - elapsed) / cfg.rw + cur + 1 > cfg.rl then return wait_for(prev, cur) end
+    if not always and prev * (cfg.rw - elapsed) / cfg.rw + cur + 1 > cfg.rl then
+      return wait_for(prev, cur)
+    end
     state[i] = {w, prev, cur}
   end
   for i, f in ipairs(fields) do
@@ -390,12 +394,8 @@ local status = leaving and 'left' or 'away'
 local rec = nil
 local ev = nil
 if leaving then
-  local r
-  r = decode_or_nil(redis.call('HGET', conns, conn))
-  if r then
-    local wait = over_limit(conn, r.user)
-    if wait then return fail('rate_limited', {retry_after_ms = wait}) end
-  end
+  local r = decode_or_nil(redis.call('HGET', conns, conn))
+  if r then over_limit(conn, r.user, true) end
 end
 rec, ev = drop_conn(conn, status)
 if not rec then
