@@ -56,7 +56,9 @@ MAX_SEQ = 2**53 - 1
 _CLIENT_ID = re.compile(r"[A-Za-z0-9_:.-]{1,64}")
 _ACTIONS = ("resume", "say", "ping", "leave", "stop")
 
-_MODEL_CONFIG = ConfigDict(strict=True, extra="ignore", frozen=True)
+# defer_build: the handlers that never parse a frame (connect, disconnect) do
+# not pay for building these schemas at a cold start.
+_MODEL_CONFIG = ConfigDict(strict=True, extra="ignore", frozen=True, defer_build=True)
 
 Epoch = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 ClientId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_:.-]{1,64}$")]
