@@ -509,3 +509,31 @@ def test_each_event_loop_gets_its_own_client_and_connections(upstash: Any) -> No
     assert asyncio.run(run()) == "x"
     with pytest.raises(StoreEventLoopError):
         asyncio.run(run())
+
+
+async def test_a_connect_that_hangs_is_a_store_timeout_within_the_timeout(upstash: Any) -> None:
+    """GIVEN a server whose accept queue is full (connecting hangs)
+    WHEN a script runs with a 0.3 s timeout and no retry
+    THEN it fails with StoreTimeout (httpx.ConnectTimeout) after about 0.3 s."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(0)
+        port = server.getsockname()[1]
+        fillers = []
+        for _ in range(4):  # fill the queue; later connects wait for a SYN-ACK
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(("127.0.0.1", port))
+            fillers.append(filler)
+        await asyncio.sleep(0.05)
+        client = upstash_client(f"http://127.0.0.1:{port}", "t", timeout=0.3, retries=0)
+        started = time.monotonic()
+        try:
+            with pytest.raises(StoreTimeout) as caught:
+                await ECHO(client, ["lean:e"], ["x"])
+        finally:
+            for filler in fillers:
+                filler.close()
+        assert isinstance(caught.value.__cause__, httpx.ConnectTimeout)
+        assert 0.25 <= time.monotonic() - started < 0.6
+        await client.close()
