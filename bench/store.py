@@ -16,12 +16,17 @@ endpoint, with the real ``upstash_redis.asyncio.Redis`` client:
    Upstash REST and ``rejoin.RedisSession`` over TCP (redis.asyncio): requests
    (round trips) per method, warm and cold, and each method's latency against
    a raw ``GET`` on the same transport, all interleaved in one run.
+6. The HTTP client under ``upstash_redis.asyncio.Redis``: CPU time of this
+   process per request with upstash-redis' own httpx client against the lean
+   one rejoin installs (``rejoin._upstash_http``), interleaved, one request
+   in flight and 32 at once (the endpoint runs in another process).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -451,6 +456,8 @@ async def _run(endpoint: Endpoint, cmdstats: CommandStats, quick: bool) -> Repor
         }
         # ---------------------------------------------------------------- 5
         await _transports(endpoint, cmdstats, client, report, rounds, warmup)
+        # ---------------------------------------------------------------- 6
+        await _http_clients(endpoint, report, quick)
 
         for sess in (s, s20, s_add):
             await sess.clear_session()
@@ -580,6 +587,96 @@ async def _transports(
     finally:
         await tcp.client.delete(raw_key)
         await tcp.close()
+
+
+async def _http_clients(endpoint: Endpoint, report: Report, quick: bool) -> None:
+    """Section 6: CPU per request of upstash-redis with httpx and with the lean client."""
+    import httpx
+    from upstash_redis.asyncio import Redis
+
+    from rejoin import UpstashSession, upstash_client
+    from rejoin._upstash_http import UpstashHttp
+
+    lean_client = upstash_client(endpoint.url, endpoint.token, timeout=10.0).client
+    if not isinstance(lean_client._http._client, UpstashHttp):
+        raise RuntimeError("a proxy in the environment keeps httpx: unset it to compare")
+    # What upstash_client built before the lean client: httpx with the timeout set.
+    httpx_client = Redis(endpoint.url, endpoint.token, allow_telemetry=False)
+    httpx_client._http._client.timeout = httpx.Timeout(10.0)
+    clients = {
+        "httpx (upstash-redis' own)": httpx_client,
+        "lean (rejoin._upstash_http)": lean_client,
+    }
+    key = "bench:http-get"
+    await lean_client.set(key, "x" * 16)
+    sessions = {name: UpstashSession("bench-http", redis=c) for name, c in clients.items()}
+    first = next(iter(sessions.values()))
+    await first.clear_session()
+    await first.add_items(runner_items(20))
+    rounds, batch = (4, 20) if quick else (20, 100)
+    in_flight = 32
+    calls: dict[str, Callable[[Any, Any], Awaitable[Any]]] = {
+        "GET (16 B)": lambda c, s: c.get(key),
+        "get_items(limit=20)": lambda c, s: s.get_items(limit=20),
+    }
+    rows: list[list[Any]] = []
+    data: dict[str, Any] = {}
+    try:
+        for call_name, call in calls.items():
+            for parallel in (1, in_flight):
+                bursts = max(1, batch // parallel)
+                n = bursts * parallel
+
+                async def burst(
+                    name: str, call: Any = call, parallel: int = parallel, bursts: int = bursts
+                ) -> None:
+                    c, s = clients[name], sessions[name]
+                    for _ in range(bursts):
+                        if parallel == 1:
+                            await call(c, s)
+                        else:
+                            await asyncio.gather(*(call(c, s) for _ in range(parallel)))
+
+                names = list(clients)
+                for name in names:  # warm: connections open, scripts cached
+                    await burst(name)
+                cpu: dict[str, list[float]] = {name: [] for name in names}
+                wall: dict[str, list[float]] = {name: [] for name in names}
+                for i in range(rounds):
+                    for name in names if i % 2 == 0 else names[::-1]:
+                        c0, w0 = time.process_time_ns(), time.perf_counter_ns()
+                        await burst(name)
+                        cpu[name].append((time.process_time_ns() - c0) / 1e3 / n)
+                        wall[name].append((time.perf_counter_ns() - w0) / 1e3 / n)
+                base = cpu[names[0]]
+                for name in names:
+                    rows.append(
+                        [
+                            call_name,
+                            parallel,
+                            name,
+                            summarize(cpu[name]).median,
+                            summarize(wall[name]).median,
+                            ratio(cpu[name], base),
+                        ]
+                    )
+                    data[f"{call_name}, {parallel} in flight, {name}"] = {
+                        "cpu_us": summarize(cpu[name]).median,
+                        "wall_us": summarize(wall[name]).median,
+                        "cpu_ratio_to_httpx": ratio(cpu[name], base),
+                    }
+        print_table(
+            f"CPU of this process per request, upstash-redis over httpx vs the lean client "
+            f"({rounds} interleaved rounds of {batch} requests; us; endpoint in another process)",
+            ["call", "in flight", "HTTP client", "CPU us/request", "wall us/request", "CPU ratio"],
+            rows,
+        )
+        report.data["http_clients"] = data
+    finally:
+        await first.clear_session()
+        await lean_client.delete(key)
+        for c in clients.values():
+            await c.close()
 
 
 def run(endpoint: Endpoint, *, quick: bool) -> Report:

@@ -26,6 +26,7 @@ SECTIONS = [
     "Reference: the SDK's RedisSession over TCP",
     "Requests (round trips) per method on each transport",
     "Each method against a raw GET on the same transport",
+    "CPU of this process per request, upstash-redis over httpx vs the lean client",
     "## Rooms benchmark",
     "Per frame and per turn: two participants, rate limiting on",
     "The cleanup: 20 sessions past their grace and 20 live ones",

@@ -5,7 +5,8 @@ connection for every request (and polls each idle socket while doing so), so
 a broadcast to 100 connections cost ~5 ms of CPU per post here, more than
 boto3 (bench/README.md). This client keeps a LIFO list of idle connections and does nothing per
 request beyond writing it and parsing the answer (~0.1 ms of CPU). It serves
-the requests rejoin makes to API Gateway's management API: small bodies,
+the requests rejoin makes to API Gateway's management API (small bodies) and,
+with a larger body limit, to Upstash's REST API (:mod:`rejoin._upstash_http`):
 ``Content-Length`` or chunked answers, no redirects, no proxies.
 
 A :class:`Pool` belongs to the event loop that created it (its transports
@@ -19,13 +20,14 @@ import collections
 import select
 import ssl
 import threading
+from typing import Literal
 
 from .errors import SendError
 
 __all__ = ["HttpError", "Pool", "Response"]
 
 MAX_HEAD = 64 * 1024
-MAX_BODY = 1024 * 1024
+MAX_BODY = 1024 * 1024  # the default limit; a Pool may set its own
 # An idle connection older than this is checked for a close from the server
 # before it is reused (a Lambda thawed after minutes has stale ones).
 _STALE_CHECK_AFTER = 1.0
@@ -35,17 +37,39 @@ _ssl_context: ssl.SSLContext | None = None
 _ssl_lock = threading.Lock()
 
 
+ErrorKind = Literal[
+    "connect", "connect_timeout", "pool_timeout", "timeout", "closed", "reset", "protocol"
+]
+
+
 class HttpError(SendError):
     """The request failed below HTTP: connect, reset, timeout, malformed answer.
 
     Attributes:
         before_response: no byte of an answer arrived (the request may be
             retried on a fresh connection if this one was reused).
+        written: the request was handed to the connection, so the server may
+            have received and applied it even if no answer came.
+        kind: what failed: ``connect`` (could not open a connection),
+            ``connect_timeout``, ``pool_timeout`` (no free connection before the
+            deadline), ``timeout`` (no whole answer in time), ``closed`` (the
+            server closed the connection before the whole answer), ``reset``
+            (the connection failed with an OS error) or ``protocol`` (a
+            malformed or too large answer).
     """
 
-    def __init__(self, message: str, *, before_response: bool = False) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        before_response: bool = False,
+        written: bool = True,
+        kind: ErrorKind = "protocol",
+    ) -> None:
         super().__init__(message)
         self.before_response = before_response
+        self.written = written
+        self.kind: ErrorKind = kind
 
 
 class Response:
@@ -95,7 +119,8 @@ def _default_ssl_context() -> ssl.SSLContext:
 class _Connection(asyncio.Protocol):
     """One keep-alive connection; one request at a time."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_body: int = MAX_BODY) -> None:
+        self.max_body = max_body
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.reusable = True
@@ -104,6 +129,7 @@ class _Connection(asyncio.Protocol):
         self._waiter: asyncio.Future[Response] | None = None
         self._method = "GET"
         self._head: tuple[int, bytes, int, bool] | None = None
+        self._chunks: bytearray | None = None  # a chunked body read so far
         self._got_bytes = False
 
     # -- asyncio callbacks --
@@ -147,6 +173,7 @@ class _Connection(asyncio.Protocol):
                 HttpError(
                     f"the connection closed before the whole answer{reason}",
                     before_response=not self._got_bytes,
+                    kind="reset" if exc is not None else "closed",
                 )
             )
 
@@ -156,10 +183,13 @@ class _Connection(asyncio.Protocol):
         """Write one request and wait for its answer."""
         transport = self.transport
         if self.closed or transport is None or transport.is_closing():
-            raise HttpError("the connection is closed", before_response=True)
+            raise HttpError(
+                "the connection is closed", before_response=True, written=False, kind="closed"
+            )
         self._method = method
         self._got_bytes = False
         self._head = None
+        self._chunks = None
         self._buf.clear()
         waiter: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
         self._waiter = waiter
@@ -209,7 +239,7 @@ class _Connection(asyncio.Protocol):
                 if len(buf) > MAX_HEAD:
                     raise HttpError("the answer's headers are too large")
                 return None
-            head = _parse_head(bytes(buf[:end]), self._method)
+            head = _parse_head(bytes(buf[:end]), self._method, self.max_body)
             del buf[: end + 4]
             if 100 <= head[0] < 200:
                 continue  # an interim answer (100 Continue): the real one follows
@@ -221,13 +251,14 @@ class _Connection(asyncio.Protocol):
             body = bytes(buf[:length])
             del buf[:length]
         elif length == _CHUNKED:
-            chunked = _parse_chunked(buf)
-            if chunked is None:
+            if self._chunks is None:
+                self._chunks = bytearray()
+            if not _read_chunks(buf, self._chunks, self.max_body):
                 return None
-            body, used = chunked
-            del buf[:used]
+            body = bytes(self._chunks)
+            self._chunks = None
         else:  # until the server closes: eof_received completes it
-            if len(buf) > MAX_BODY:
+            if len(buf) > self.max_body:
                 raise HttpError("the answer is too large")
             return None
         if buf:  # bytes past the answer: never reuse a connection out of step
@@ -237,7 +268,7 @@ class _Connection(asyncio.Protocol):
         return Response(status, raw_head, body)
 
 
-def _parse_head(raw: bytes, method: str) -> tuple[int, bytes, int, bool]:
+def _parse_head(raw: bytes, method: str, max_body: int) -> tuple[int, bytes, int, bool]:
     """Status, the head itself, the body's length (or how it ends) and keep-alive."""
     # Only three headers matter here: find them in a lower-cased copy (C speed)
     # instead of splitting every line; the rest is parsed if an error needs it.
@@ -258,8 +289,8 @@ def _parse_head(raw: bytes, method: str) -> tuple[int, bytes, int, bool]:
             if not text.isdigit():
                 raise HttpError("a malformed Content-Length in the answer")
             length = int(text)
-            if length > MAX_BODY:
-                raise HttpError("the answer is too large")
+            if length > max_body:
+                raise HttpError(f"the answer is too large ({length} bytes, at most {max_body})")
     keep_alive = (
         raw[5:8] == b"1.1"
         and b"close" not in (_header(lower, b"connection") or b"")
@@ -278,33 +309,42 @@ def _header(lower: bytes, name: bytes) -> bytes | None:
     return lower[start : end if end >= 0 else len(lower)].strip()
 
 
-def _parse_chunked(buf: bytearray) -> tuple[bytes, int] | None:
-    """The body of a complete chunked encoding at the start of ``buf`` and its length."""
-    body = bytearray()
-    pos = 0
+def _read_chunks(buf: bytearray, body: bytearray, max_body: int) -> bool:
+    """Move the complete chunks at the start of ``buf`` into ``body``; True at the end.
+
+    Consumes what it parsed, so each byte of a large chunked answer is looked
+    at once, however many reads it arrives in.
+    """
     while True:
-        eol = buf.find(b"\r\n", pos)
+        eol = buf.find(b"\r\n")
         if eol < 0:
-            return None
-        size_text = bytes(buf[pos:eol]).split(b";", 1)[0].strip()
+            if len(buf) > MAX_HEAD:
+                raise HttpError("a malformed chunk size in the answer")
+            return False
+        size_text = bytes(buf[:eol]).split(b";", 1)[0].strip()
         try:
             size = int(size_text, 16)
         except ValueError:
             raise HttpError("a malformed chunk size in the answer") from None
-        pos = eol + 2
         if size == 0:
-            if buf[pos : pos + 2] == b"\r\n":
-                return bytes(body), pos + 2
-            trailers_end = buf.find(b"\r\n\r\n", pos)
-            return None if trailers_end < 0 else (bytes(body), trailers_end + 4)
-        if len(buf) < pos + size + 2:
-            return None
-        if buf[pos + size : pos + size + 2] != b"\r\n":
+            # The last chunk, then trailers (usually none) up to an empty line.
+            if buf[eol + 2 : eol + 4] == b"\r\n":
+                del buf[: eol + 4]
+                return True
+            trailers_end = buf.find(b"\r\n\r\n", eol)
+            if trailers_end < 0:
+                return False
+            del buf[: trailers_end + 4]
+            return True
+        if len(body) + size > max_body:
+            raise HttpError(f"the answer is too large (more than {max_body} bytes)")
+        start = eol + 2
+        if len(buf) < start + size + 2:
+            return False
+        if buf[start + size : start + size + 2] != b"\r\n":
             raise HttpError("a malformed chunk in the answer")
-        body += buf[pos : pos + size]
-        if len(body) > MAX_BODY:
-            raise HttpError("the answer is too large")
-        pos += size + 2
+        body += buf[start : start + size]
+        del buf[: start + size + 2]
 
 
 class Pool:
@@ -321,6 +361,15 @@ class Pool:
             request in flight a few times per timeout, so a late answer fails
             up to a fifth of it later (at most 0.5 s).
         idle_timeout: seconds an idle connection is kept.
+        max_body: the largest answer body accepted, in bytes (a larger one
+            fails with :class:`HttpError`, its connection closed).
+        retry_written: whether a request written on a reused connection that
+            closed before any answer is sent again on a fresh one. True suits
+            API Gateway's posts (the usual cause is a keep-alive connection
+            the server closed while idle). False when the server may have
+            applied the request before dropping the connection and applying
+            it twice must be the caller's decision: then only a request found
+            unsendable before any byte was written is retried here.
     """
 
     def __init__(
@@ -333,11 +382,17 @@ class Pool:
         connect_timeout: float = 2.0,
         request_timeout: float = 5.0,
         idle_timeout: float = 30.0,
+        max_body: int = MAX_BODY,
+        retry_written: bool = True,
     ) -> None:
         if scheme not in ("http", "https"):
             raise ValueError(f"unsupported scheme {scheme!r}")
         if max_connections < 1:
             raise ValueError("max_connections must be at least 1")
+        if max_body < 0:
+            raise ValueError("max_body must not be negative")
+        self._max_body = max_body
+        self._retry_written = retry_written
         self._tls = scheme == "https"
         self._host = host
         self._port = port
@@ -356,47 +411,70 @@ class Pool:
         now = asyncio.get_running_loop().time()
         for conn, deadline in list(self._in_flight.items()):
             if deadline <= now:
-                conn.fail(HttpError(f"no answer within {self._request_timeout:g} s"))
+                conn.fail(
+                    HttpError(f"no answer within {self._request_timeout:g} s", kind="timeout")
+                )
         self._reaper = (
             asyncio.get_running_loop().call_later(self._tick, self._reap)
             if self._in_flight
             else None
         )
 
-    async def request(self, method: str, request: bytes) -> Response:
+    async def request(
+        self, method: str, request: bytes, *, deadline: float | None = None
+    ) -> Response:
         """Send ``request`` (the whole HTTP/1.1 message) and return the answer.
 
         A reused connection that turns out closed before any answer (the
-        server dropped it while idle) is replaced by a fresh one, once. Waiting
-        for a free slot (``max_connections`` in flight) has no time limit.
+        server dropped it while idle) is replaced by a fresh one, once (see
+        ``retry_written``). Without a deadline, waiting for a free slot
+        (``max_connections`` in flight) has no time limit.
 
         Args:
             method: the request's method (a HEAD answer has no body).
             request: the request line, headers and body, encoded.
+            deadline: the event loop's time by which the whole exchange
+                (waiting for a slot, connecting, the answer) must be done; the
+                pool's own timeouts still apply within it.
 
         Raises:
             HttpError: no complete answer (a timeout included).
         """
-        async with self._slots:
-            return await self._exchange(method, request)
+        slots = self._slots
+        if deadline is not None and slots.locked():
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await slots.acquire()
+            except TimeoutError:
+                raise HttpError(
+                    "no free connection in time", written=False, kind="pool_timeout"
+                ) from None
+        else:
+            await slots.acquire()
+        try:
+            return await self._exchange(method, request, deadline)
+        finally:
+            slots.release()
 
-    async def _exchange(self, method: str, request: bytes) -> Response:
+    async def _exchange(self, method: str, request: bytes, deadline: float | None) -> Response:
         for attempt in range(2):
             # The retry always opens a fresh connection: idle ones a middlebox
             # dropped silently look alive until written to.
             conn = self._take() if attempt == 0 else None
             reused = conn is not None
             if conn is None:
-                conn = await self._connect()
+                conn = await self._connect(deadline)
             loop = asyncio.get_running_loop()
-            self._in_flight[conn] = loop.time() + self._request_timeout
+            expires = loop.time() + self._request_timeout
+            self._in_flight[conn] = expires if deadline is None else min(expires, deadline)
             if self._reaper is None:
                 self._reaper = loop.call_later(self._tick, self._reap)
             try:
                 response = await conn.exchange(method, request)
             except HttpError as exc:
                 conn.close()
-                if reused and exc.before_response and attempt == 0:
+                retry = exc.before_response and (self._retry_written or not exc.written)
+                if reused and retry and attempt == 0:
                     continue
                 raise
             except BaseException:
@@ -429,28 +507,45 @@ class Pool:
             return conn
         return None
 
-    async def _connect(self) -> _Connection:
+    async def _connect(self, deadline: float | None = None) -> _Connection:
         loop = asyncio.get_running_loop()
         where = f"{self._host}:{self._port}"
+        limit = self._connect_timeout
+        if deadline is not None:
+            limit = min(limit, deadline - loop.time())
+
+        def protocol() -> _Connection:
+            return _Connection(self._max_body)
+
         try:
-            async with asyncio.timeout(self._connect_timeout):
+            if limit <= 0:
+                raise TimeoutError
+            async with asyncio.timeout(limit):
                 if self._tls:
                     _, conn = await loop.create_connection(
-                        _Connection,
+                        protocol,
                         self._host,
                         self._port,
                         ssl=_default_ssl_context(),
                         server_hostname=self._host,
                     )
                 else:
-                    _, conn = await loop.create_connection(_Connection, self._host, self._port)
+                    _, conn = await loop.create_connection(protocol, self._host, self._port)
         except TimeoutError:
             raise HttpError(
-                f"could not connect to {where} within {self._connect_timeout:g} s"
+                f"could not connect to {where} within {max(limit, 0):g} s",
+                before_response=True,
+                written=False,
+                kind="connect_timeout",
             ) from None
         except OSError as exc:
             detail = exc.strerror or type(exc).__name__
-            raise HttpError(f"could not connect to {where}: {detail}") from exc
+            raise HttpError(
+                f"could not connect to {where}: {detail}",
+                before_response=True,
+                written=False,
+                kind="connect",
+            ) from exc
         return conn
 
     def close(self) -> None:

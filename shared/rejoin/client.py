@@ -4,6 +4,12 @@
 ``timeout=None``) and retries a failed request once after 3 s. On Lambda a
 hung request would eat the whole invocation, so rejoin always sets one.
 Retrying is safe for rejoin's own writes: every one is idempotent.
+
+rejoin also replaces that httpx client with a lean one
+(:class:`rejoin._upstash_http.UpstashHttp`, over :mod:`rejoin._http1`): httpx
+costs several times the CPU per request (bench/README.md, store section).
+When the environment names a proxy (``HTTPS_PROXY``, ``HTTP_PROXY``,
+``ALL_PROXY``), the httpx client stays, with the timeout set: only it does proxies.
 """
 
 from __future__ import annotations
@@ -119,38 +125,59 @@ def upstash_client(
     Args:
         url: the database's REST URL (``UPSTASH_REDIS_REST_URL``).
         token: the database's REST token (``UPSTASH_REDIS_REST_TOKEN``).
-        timeout: seconds to wait for each HTTP request.
+        timeout: seconds each HTTP request may take in all (connecting and
+            the whole answer included).
         retries: how many times the client retries a request that failed.
         retry_interval: seconds between retries.
 
     Returns:
-        An :class:`UpstashClient`: an ``upstash_redis.asyncio.Redis`` per event loop.
+        An :class:`UpstashClient`: an ``upstash_redis.asyncio.Redis`` per event
+        loop, sending with :class:`~rejoin._upstash_http.UpstashHttp` unless
+        the environment names a proxy (then with httpx).
 
     Raises:
-        ConfigError: the URL or token is empty, or the timeout is not positive.
+        ConfigError: the URL or token is empty or malformed (a token with a
+            line break or other control character would inject headers), or
+            the timeout is not positive.
     """
     if not url or not url.startswith(("http://", "https://")):
         raise ConfigError("Upstash REST URL must start with https:// (or http:// locally)")
     if not token:
         raise ConfigError("Upstash REST token is empty")
+    if not token.isascii() or not token.isprintable():
+        raise ConfigError(
+            "Upstash REST token must be printable ASCII (no line breaks): check how it was set"
+        )
     if timeout <= 0:
         raise ConfigError("timeout must be positive")
+    from ._upstash_http import UpstashHttp, proxy_configured
+
+    lean = not proxy_configured()
+    base = url.rstrip("/")
+    try:
+        UpstashHttp(base, timeout=timeout)
+    except ValueError as exc:
+        raise ConfigError(f"Upstash REST URL: {exc}") from None
 
     def build() -> Redis:
         from upstash_redis.asyncio import Redis
 
         client = Redis(
-            url.rstrip("/"),
+            base,
             token,
             rest_retries=retries,
             rest_retry_interval=retry_interval,
             allow_telemetry=False,
         )
-        # The client offers no timeout option: set it on its httpx client.
+        # The client offers no timeout option: replace its httpx client (or,
+        # behind a proxy, set the timeout on it).
         http = getattr(getattr(client, "_http", None), "_client", None)
         if not isinstance(http, httpx.AsyncClient):
             raise ConfigError("unsupported upstash-redis version: cannot set a request timeout")
-        http.timeout = httpx.Timeout(timeout)
+        if lean:
+            client._http._client = UpstashHttp(base, timeout=timeout)  # type: ignore[assignment]
+        else:
+            http.timeout = httpx.Timeout(timeout)
         return client
 
     build()  # fail now, not on the first request, if the client cannot be built
