@@ -214,6 +214,9 @@ class StackConfig:
         max_duration: the gateway's longest connection, seconds.
         turn_attempts: tries per turn before it is dead-lettered.
         turn_backoff: seconds before the first retry of a failed turn (doubles).
+        ws_handler_threads: threads for the WebSocket routes' handlers
+            (``$connect``, messages, ``$disconnect``); turns and the cleanup
+            have their own pool.
         env: the environment the handlers' settings are read from.
         local_tokens: serve ``POST /local/token`` (the page's own minting).
     """
@@ -233,6 +236,7 @@ class StackConfig:
     max_duration: float = 7200.0
     turn_attempts: int = 3
     turn_backoff: float = 0.5
+    ws_handler_threads: int = 8
     env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
     local_tokens: bool = True
 
@@ -386,7 +390,7 @@ class LocalSender(InMemorySender):
     def attach(self, gateway: Gateway) -> None:
         """Deliver through ``gateway`` from now on."""
         self.gateway = gateway
-        self.on_deliver = gateway.deliver
+        self.on_deliver = gateway.post  # queues the frame and returns: no future per frame
 
     async def close(self, connection_id: str) -> None:
         """DeleteConnection: forget it here and close its socket (``$disconnect`` runs)."""
@@ -612,7 +616,14 @@ class Stack:
 
     def __init__(self, config: StackConfig | None = None) -> None:
         self.config = config or StackConfig()
+        # Turns (seconds of model calls each) and the cleanup: many at once.
         self.executor = ThreadPoolExecutor(max_workers=32, thread_name_prefix="rejoin-handler")
+        # The WebSocket routes' handlers: short (one store request each), so a
+        # few threads keep up; more only contend for the GIL with the gateway's
+        # loop (bench/README.md, "Local stack under load").
+        self.ws_executor = ThreadPoolExecutor(
+            max_workers=self.config.ws_handler_threads, thread_name_prefix="rejoin-handler-ws"
+        )
         self.sender = LocalSender()
         self.queue = InMemoryTurnQueue()
         self.gateway: Gateway | None = None
@@ -839,6 +850,7 @@ class Stack:
                 await gateway.stop()
                 await worker.stop()
                 await asyncio.to_thread(self.executor.shutdown, wait=True, cancel_futures=True)
+                await asyncio.to_thread(self.ws_executor.shutdown, wait=True, cancel_futures=True)
 
         routes: list[BaseRoute] = [
             *gateway.routes(),
@@ -897,7 +909,7 @@ class Stack:
                     max_duration=cfg.max_duration,
                     management_key=cfg.admin_key,
                 ),
-                executor=self.executor,
+                executor=self.ws_executor,
                 on_open=self.sender.open,
                 on_close=self.sender.close_socket,
             )
