@@ -500,12 +500,15 @@ async def _generate(
     # 2. burst: every client sends one say at once.
     phases: list[Phase] = []
     if profile is not None:
-        profile.start(root)
+        profile.start(root, "burst")
     lag.clear()
     started = time.monotonic()
     await asyncio.gather(*(c.say("burst") for c in connected))
     await _drain(tallies["burst"])
     burst = _phase("burst", tallies["burst"], time.monotonic() - started)
+    if profile is not None:
+        profile.stop()
+        profile.start(root, "paced")
     after_burst = mark("after burst")
     burst.cpu = _cpu(after_connect, after_burst, root)
     phases.append(burst)
@@ -583,75 +586,129 @@ def _cpu(
 
 
 class _Profiler:
-    """py-spy attached to the stack's processes, writing collapsed stacks."""
+    """py-spy attached to the stack's processes, one recording per phase."""
 
     def __init__(self, directory: Path, binary: str) -> None:
         self.directory = directory
         self.binary = binary
-        self.procs: list[tuple[subprocess.Popen[bytes], Path]] = []
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.outputs: list[Path] = []
 
-    def start(self, root: int) -> None:
+    def start(self, root: int, phase: str) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
+        self.procs = []
         for pid in process_tree(root):
             s = sample(pid)
-            if s is None:
+            if s is None or "py-spy" in s.name:
                 continue
-            out = self.directory / f"{'stack' if pid == root else 'child'}-{pid}.txt"
-            args = [self.binary, "record", "--pid", str(pid), "--format", "raw"]
-            args += ["--rate", "200", "--nonblocking", "--threads", "-o", str(out)]
+            role = "stack" if pid == root else "upstash" if "upstash" in s.name else "child"
+            out = self.directory / f"{phase}-{role}-{pid}.txt"
+            args = [self.binary, "record", "--pid", str(pid), "--format", "raw", "--threads"]
+            args += ["--rate", "250", "--nonblocking", "-o", str(out)]
             proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            self.procs.append((proc, out))
-        time.sleep(1.0)  # py-spy attaches before the load starts
+            self.procs.append(proc)
+            self.outputs.append(out)
+        time.sleep(1.0)  # py-spy attaches before the phase starts
 
     def stop(self) -> None:
-        for proc, _ in self.procs:
+        for proc in self.procs:
             proc.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
-        for proc, _ in self.procs:
+        for proc in self.procs:
             try:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 stop_process(proc)
 
-    def summary(self, top: int = 25) -> None:
-        for _, path in self.procs:
+    def summary(self, top: int = 15) -> None:
+        for path in self.outputs:
             if path.exists():
                 summarize_collapsed(path, top)
 
 
-def summarize_collapsed(path: Path, top: int = 25) -> None:
-    """Print the functions with the most samples in a py-spy raw (collapsed) file.
+# Leaf frames where a thread waits (for I/O, work or a lock) rather than runs.
+_IDLE_LEAVES = ("select (selectors.py)", "_worker (futures/thread.py)", "wait (threading.py)")
+_IDLE_LEAF_NAMES = ("EpollSelector.select", "Condition.wait", "Event.wait", "Thread.join")
+# What a sample is spent on: the first of these found from the leaf up names
+# it; the event loop's own frames are skipped, so a socket write or a wakeup
+# counts for whoever asked for it (the event loop only when nobody did).
+_LOOP = ("asyncio/", "futures/", "threading.py", "selectors.py", "trsock.py")
+_CATEGORIES = (
+    ("JSON", ("json/",)),
+    ("pydantic", ("pydantic",)),
+    ("Powertools logging/metrics", ("aws_lambda_powertools", "observability.py")),
+    ("HTTP client to Upstash (httpx/httpcore/h11)", ("httpx/", "httpcore", "_http1.py")),
+    ("upstash-redis client", ("upstash_redis",)),
+    ("Upstash endpoint (Starlette app, RESP to Redis)", ("upstash_rest.py",)),
+    ("uvicorn WebSocket protocol / websockets", ("websockets", "websockets_sansio_impl")),
+    ("uvicorn HTTP (h11) and Starlette", ("uvicorn/", "starlette/", "h11/")),
+    ("gateway (events, delivery)", ("rejoin_local/gateway.py",)),
+    ("local stack (sender, worker)", ("rejoin_local/",)),
+    ("rejoin (rooms, routes, sender)", ("rejoin/",)),
+)
 
-    Self: samples where the function was running; total: where it was on the
-    stack (the time spent in it and what it called).
+
+def _category(frames: list[str]) -> str:
+    for frame in reversed(frames):
+        if any(n in frame for n in _LOOP):
+            continue
+        for name, needles in _CATEGORIES:
+            if any(n in frame for n in needles):
+                return name
+    return "the event loop itself (polling, callbacks, wakeups)"
+
+
+def _thread_group(frame: str) -> str:
+    name = frame.split(":", 1)[-1].strip()
+    if name.startswith("rejoin-handler"):
+        return "handler threads"
+    if name == "MainThread":
+        return "main thread (gateway loop)"
+    return name
+
+
+def summarize_collapsed(path: Path, top: int = 15) -> None:
+    """Print where a py-spy raw (collapsed) recording spent its busy samples.
+
+    Samples whose leaf is a wait (``select``, an idle pool worker, a lock) are
+    left out: the rest is CPU the process spent. Shown: the share per thread
+    group, per kind of work (the first match from the leaf up), and the
+    functions with the most own samples.
     """
     own: collections.Counter[str] = collections.Counter()
-    inclusive: collections.Counter[str] = collections.Counter()
-    total = 0
+    threads: collections.Counter[str] = collections.Counter()
+    kinds: collections.Counter[str] = collections.Counter()
+    busy = idle = 0
     for line in path.read_text(errors="replace").splitlines():
         stack, _, count = line.rpartition(" ")
         if not count.isdigit():
             continue
         n = int(count)
-        total += n
         frames = [_short(f) for f in stack.split(";")]
-        if frames:
-            own[frames[-1]] += n
-        for f in set(frames):
-            inclusive[f] += n
-    if not total:
+        leaf = frames[-1] if frames else ""
+        if leaf.endswith(_IDLE_LEAVES) or leaf.startswith(_IDLE_LEAF_NAMES):
+            idle += n
+            continue
+        busy += n
+        own[leaf] += n
+        threads[_thread_group(frames[0]) if frames[0].startswith("thread") else "?"] += n
+        kinds[_category(frames[1:])] += n
+    if not busy:
         return
+    title = f"py-spy, {path.stem}: {busy:,} busy samples ({idle:,} waiting left out)"
     print_table(
-        f"py-spy, {path.name}: top functions by own samples ({total:,} samples, all threads)",
-        ["function", "own %", "total %"],
-        [[f, 100 * n / total, 100 * inclusive[f] / total] for f, n in own.most_common(top)],
+        title + ", by thread",
+        ["thread", "% of busy"],
+        [[t, 100 * n / busy] for t, n in threads.most_common()],
     )
-    interesting = [
-        (f, n) for f, n in inclusive.most_common(200) if not f.startswith(("<module>", "run "))
-    ]
     print_table(
-        f"py-spy, {path.name}: top functions by total samples",
-        ["function", "total %"],
-        [[f, 100 * n / total] for f, n in interesting[:top]],
+        title + ", by kind of work (who asked for it)",
+        ["work", "% of busy"],
+        [[k, 100 * n / busy] for k, n in kinds.most_common()],
+    )
+    print_table(
+        title + ", top functions (own samples)",
+        ["function", "% of busy"],
+        [[f, 100 * n / busy] for f, n in own.most_common(top)],
     )
 
 
