@@ -1,6 +1,6 @@
 # The two commands: `make dev` runs the whole stack locally, `make test` runs every check.
 # Deploying uses the SAM CLI pinned in scripts/sam.sh (installed into .venv-sam on first use).
-.PHONY: help dev test lint bench token build deploy clean
+.PHONY: help dev test lint bench load token build deploy clean
 
 # The samconfig.toml environment `make deploy` uses: dev (stack rejoin-dev) or prod (rejoin-prod).
 SAM_ENV ?= dev
@@ -19,6 +19,9 @@ lint:  ## ruff, ruff format --check, mypy --strict
 
 bench:  ## benchmarks; figures go in bench/README.md
 	@bash scripts/bootstrap.sh && .venv/bin/python -m bench $(ARGS)
+
+load:  ## the local stack under load: 500 sessions x 2 WebSocket clients (ARGS="--quick", "--sessions 100")
+	@bash scripts/bootstrap.sh && .venv/bin/python -m bench --only load $(ARGS)
 
 token:  ## print a local participant token: make token ARGS="--session demo --user u1 --name Ada"
 	@bash scripts/bootstrap.sh && REJOIN_TOKEN_SECRET=$${REJOIN_TOKEN_SECRET:-local-dev-signing-key-change-me-0123456789} \

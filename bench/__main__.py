@@ -1,5 +1,9 @@
 """``python -m bench [--quick] [--only NAME] [--json PATH]`` (NAME: see ``--help``).
 
+``--only load`` (``make load``) runs the local stack under load instead
+(``bench/load.py``; options ``--sessions``, ``--rate``, ``--seconds``,
+``--profile``): it is not part of the default run, as it takes every core.
+
 Starts a private ``redis-server`` (never the shared one) and the local
 Upstash-compatible endpoint in front of it, runs the benchmarks, prints their
 tables (Markdown) and each goal as PASS/FAIL. Goals are reported, not
@@ -68,10 +72,31 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="a reduced run (a few seconds)")
     parser.add_argument(
         "--only",
-        choices=["store", "rooms", "meeting", "encryption", "broadcast", "scale"],
-        help="run one benchmark",
+        choices=["store", "rooms", "meeting", "encryption", "broadcast", "scale", "load"],
+        help="run one benchmark (load: only this way, or `make load`)",
     )
     parser.add_argument("--json", metavar="PATH", help="also write the raw figures as JSON")
+    load = parser.add_argument_group("the load benchmark (--only load)")
+    load.add_argument(
+        "--sessions", type=int, metavar="N", help="sessions of 2 clients each (500; --quick: 50)"
+    )
+    load.add_argument("--rate", type=float, default=100.0, help="paced say frames per second (100)")
+    load.add_argument(
+        "--seconds", type=float, metavar="T", help="paced phase length (10 s; --quick: 3 s)"
+    )
+    load.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="profile the stack's processes with py-spy (if on PATH) into DIR",
+    )
+    load.add_argument(
+        "--stack-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="an extra argument for python -m rejoin_local (repeatable), e.g. "
+        "--stack-arg=--upstash-in-process",
+    )
     return parser
 
 
@@ -100,6 +125,21 @@ def _crashed(name: str) -> bool:
     return True
 
 
+def load_benchmark(args: argparse.Namespace) -> Report:
+    """The load benchmark with the command line's options."""
+    from bench import load
+
+    changes: dict[str, Any] = {"rate": args.rate, "stack_args": tuple(args.stack_arg)}
+    if args.sessions is not None:
+        changes["sessions"] = args.sessions
+    if args.seconds is not None:
+        changes["seconds"] = args.seconds
+    if args.profile:
+        changes["profile"] = Path(args.profile)
+    options = load.LoadOptions.quick(**changes) if args.quick else load.LoadOptions(**changes)
+    return load.run(options)
+
+
 def _main(args: argparse.Namespace) -> int:
     if args.only == "scale":
         # The scale model reads bench/counts.json: no Redis, no endpoint.
@@ -111,8 +151,14 @@ def _main(args: argparse.Namespace) -> int:
     started = time.monotonic()
     print(f"# rejoin benchmarks{' (quick)' if args.quick else ''}")
     print(f"\n{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC; {_machine()}")
+    print(f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} (1, 5, 15 min)")
     reports: list[Report] = []
     crashed = False
+    if args.only == "load":
+        try:
+            reports.append(load_benchmark(args))
+        except Exception:
+            crashed = _crashed("load")
     if args.only in (None, "store", "rooms", "meeting", "encryption"):
         with private_redis() as redis_url, upstash_endpoint(redis_url) as endpoint:
             print(f"private redis-server at {redis_url}; Upstash endpoint {endpoint.url}")

@@ -59,7 +59,12 @@ def running_stack(upstash: Any, **env: str) -> Iterator[Stack]:
 
 
 @pytest.fixture
-def stack(upstash: Any) -> Iterator[Stack]:
+def stack(upstash: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Stack]:
+    # The stack shares this process's stdout with the client under test: keep
+    # Powertools' EMF metric lines (printed after each handler call) out of it.
+    # A post returns once the frame is queued, as PostToConnection does, so a
+    # handler can finish (and print) before the client has written its line.
+    monkeypatch.setenv("POWERTOOLS_METRICS_DISABLED", "true")
     with running_stack(upstash) as started:
         yield started
 

@@ -9,6 +9,7 @@ real boto3 client too) and the idle timeout.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
@@ -17,6 +18,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import boto3
@@ -31,8 +33,8 @@ from botocore.config import Config
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from rejoin.errors import ConnectionGone
-from rejoin_local.gateway import Gateway, GatewayConfig, RunningServer, serve
+from rejoin.errors import ConnectionGone, PayloadTooLarge
+from rejoin_local.gateway import MESSAGE_LIMIT, Gateway, GatewayConfig, RunningServer, serve
 
 CONNECTION_ID = re.compile(r"^[A-Za-z0-9_-]{15}=$")
 
@@ -508,6 +510,86 @@ async def test_deliver_after_close_is_gone(
     await _async_wait_for(stubs, "$disconnect")
     with pytest.raises(ConnectionGone):
         await asyncio.to_thread(asyncio.run, gateway.deliver(cid, b"{}"))
+
+
+async def test_posts_from_many_threads_arrive_once_each_in_each_threads_order(
+    server: tuple[Gateway, RunningServer], stubs: Stubs
+) -> None:
+    """GIVEN two open sockets
+    WHEN 8 threads each post 50 numbered frames to both at once (PostToConnection
+    from handler threads, batched onto the gateway's loop)
+    THEN each socket gets all 400 frames exactly once, each thread's in the order
+    that thread posted them."""
+    gateway, running = server
+    first, second = await _open(running), await _open(running)
+    ids = [e["requestContext"]["connectionId"] for e in stubs.of("$connect")]
+    threads, per_thread = 8, 50
+
+    def poster(worker: int) -> None:
+        for n in range(per_thread):
+            for cid in ids:
+                gateway.post(cid, json.dumps({"worker": worker, "n": n}).encode())
+
+    try:
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            await asyncio.gather(
+                *(asyncio.wrap_future(pool.submit(poster, w)) for w in range(threads))
+            )
+        for ws in (first, second):
+            seen: dict[int, list[int]] = {w: [] for w in range(threads)}
+            for _ in range(threads * per_thread):
+                frame = json.loads(await asyncio.wait_for(ws.recv(), 10))
+                seen[frame["worker"]].append(frame["n"])
+            assert all(got == list(range(per_thread)) for got in seen.values()), seen
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_post_checks_size_and_connection_at_once(
+    server: tuple[Gateway, RunningServer], stubs: Stubs
+) -> None:
+    """GIVEN an open socket, and a connection id that never existed
+    WHEN a frame over the 128 KB message limit, or a frame to the unknown id, is posted
+    THEN the post raises PayloadTooLarge / ConnectionGone itself (nothing is queued),
+    and a frame at the limit still arrives whole."""
+    gateway, running = server
+    ws = await _open(running)
+    cid = stubs.of("$connect")[0]["requestContext"]["connectionId"]
+    try:
+        with pytest.raises(PayloadTooLarge):
+            gateway.post(cid, b"x" * (MESSAGE_LIMIT + 1))
+        with pytest.raises(ConnectionGone):
+            gateway.post("AAAAAAAAAAAAAAA=", b"{}")
+        await asyncio.to_thread(gateway.post, cid, b"y" * MESSAGE_LIMIT)
+        assert await asyncio.wait_for(ws.recv(), 10) == "y" * MESSAGE_LIMIT
+    finally:
+        await ws.close()
+
+
+async def test_frames_queued_for_a_socket_that_closes_are_dropped_then_gone(
+    server: tuple[Gateway, RunningServer], stubs: Stubs
+) -> None:
+    """GIVEN a socket with frames posted to it from a thread
+    WHEN the client closes it
+    THEN the gateway runs $disconnect and does not fail on what was still queued, and
+    later posts raise ConnectionGone (the sender's 410)."""
+    gateway, running = server
+    ws = await _open(running)
+    cid = stubs.of("$connect")[0]["requestContext"]["connectionId"]
+
+    def flood() -> None:
+        with contextlib.suppress(ConnectionGone):
+            for n in range(2000):
+                gateway.post(cid, json.dumps({"n": n}).encode())
+
+    posting = asyncio.create_task(asyncio.to_thread(flood))
+    await ws.close()
+    await posting
+    await _async_wait_for(stubs, "$disconnect")
+    with pytest.raises(ConnectionGone):
+        await asyncio.to_thread(gateway.post, cid, b"{}")
+    assert cid not in gateway.connections
 
 
 @pytest.fixture

@@ -206,6 +206,18 @@ def _lan_address() -> str | None:
 @contextlib.contextmanager
 def local_stack_process(*args: str, env: dict[str, str] | None = None) -> Iterator[tuple[int, str]]:
     """``python -m rejoin_local`` on free ports; yields its port and the banner."""
+    with stack_process(*args, env=env) as (_, port, banner):
+        yield port, banner
+
+
+@contextlib.contextmanager
+def stack_process(
+    *args: str, env: dict[str, str] | None = None
+) -> Iterator[tuple[subprocess.Popen[str], int, str]]:
+    """``python -m rejoin_local`` on free ports; yields the process, its port and the banner.
+
+    Stopped with SIGINT (Ctrl-C) at the end, unless it exited already.
+    """
     port, upstash_port = _free_port(), _free_port()
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "REJOIN_"))}
     clean["PYTHONPATH"] = f"{ROOT / 'local'}:{ROOT / 'shared'}"
@@ -227,9 +239,10 @@ def local_stack_process(*args: str, env: dict[str, str] | None = None) -> Iterat
             if line.startswith("Press Ctrl-C") or time.monotonic() > deadline:
                 break
         assert banner and banner[-1].startswith("Press Ctrl-C"), "".join(banner)
-        yield port, "".join(banner)
+        yield proc, port, "".join(banner)
     finally:
-        proc.send_signal(signal.SIGINT)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
         try:
             proc.wait(20)
         except subprocess.TimeoutExpired:
@@ -307,3 +320,100 @@ def test_exposed_with_keys_set_keeps_them() -> None:
     assert generated == ["REJOIN_TOKEN_SECRET", "REJOIN_LOCAL_UPSTASH_TOKEN"]
     assert hardened.signing_key != DEFAULT_SIGNING_KEY
     assert StackConfig(host="127.0.0.1").hardened() == (StackConfig(host="127.0.0.1"), [])
+
+
+# ---------------------------------------------------------------------------
+# The Upstash endpoint in its own process (the default)
+# ---------------------------------------------------------------------------
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, dead but not yet reaped, does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _gone_within(pid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not _alive(pid):
+            return True
+        time.sleep(0.05)
+    return not _alive(pid)
+
+
+def _endpoint_of(banner: str) -> tuple[str, int]:
+    found = re.search(r"Upstash REST\s+(http://\S+)\s+\(.*own process pid (\d+)", banner)
+    assert found is not None, banner
+    return found.group(1), int(found.group(2))
+
+
+async def _welcomed(ws_url: str, session: str) -> dict[str, Any]:
+    token = mint_token(
+        secret=DEFAULT_SIGNING_KEY, session_id=session, user_id="u1", name="Ada", ttl_seconds=60
+    )
+    async with connect(f"{ws_url}?session={session}&token={token}") as ws:
+        await ws.send(json.dumps({"action": "resume"}))
+        while True:
+            frame = json.loads(await asyncio.wait_for(ws.recv(), 20))
+            if frame.get("type") == "welcome":
+                return frame  # type: ignore[no-any-return]
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_the_endpoint_runs_in_its_own_process_and_stops_with_the_stack() -> None:
+    """GIVEN `python -m rejoin_local` with no options (what `make dev` runs)
+    WHEN it serves, and is then stopped with Ctrl-C
+    THEN the banner names the endpoint's own process, which answers as Upstash and
+    backs the handlers (a client is welcomed); after the stop no endpoint is left."""
+    with stack_process() as (proc, port, banner):
+        url, pid = _endpoint_of(banner)
+        assert pid != proc.pid and _alive(pid)
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        assert b"rejoin_local.upstash_rest" in cmdline
+        assert httpx.get(url + "/").status_code == 200
+        assert httpx.post(url, json=["PING"]).status_code == 401  # the token is required
+        ok = httpx.post(url, json=["PING"], headers={"Authorization": "Bearer local-dev-token"})
+        assert ok.json() == {"result": "PONG"}
+        welcome = asyncio.run(_welcomed(f"ws://127.0.0.1:{port}/ws", "proc-1"))
+        assert welcome["type"] == "welcome"
+    assert proc.returncode == 0
+    assert not _alive(pid), "the endpoint outlived the stack"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_a_killed_stack_leaves_no_endpoint_behind() -> None:
+    """GIVEN the stack with its endpoint in a child process
+    WHEN the stack is killed outright (SIGKILL: no handler, no cleanup of its own)
+    THEN the endpoint sees its lifeline pipe close and exits too."""
+    with stack_process() as (proc, _, banner):
+        _, pid = _endpoint_of(banner)
+        proc.kill()
+        proc.wait(10)
+        assert _gone_within(pid, 20), "the endpoint was orphaned"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_the_stack_says_so_and_stops_when_its_endpoint_dies() -> None:
+    """GIVEN the stack with its endpoint in a child process
+    WHEN the endpoint's process dies
+    THEN the stack logs that it did, stops, and exits with status 1."""
+    with stack_process() as (proc, _, banner):
+        _, pid = _endpoint_of(banner)
+        os.kill(pid, signal.SIGKILL)
+        out, _ = proc.communicate(timeout=30)
+        assert "the Upstash endpoint's process exited" in out, out
+        assert proc.returncode == 1
+
+
+def test_the_endpoint_in_process_is_still_an_option() -> None:
+    """GIVEN `python -m rejoin_local --upstash-in-process`
+    WHEN it serves
+    THEN the banner says the endpoint is in this process, and clients are welcomed."""
+    with stack_process("--upstash-in-process") as (_, port, banner):
+        assert "in this process" in banner and "own process" not in banner
+        welcome = asyncio.run(_welcomed(f"ws://127.0.0.1:{port}/ws", "proc-2"))
+        assert welcome["type"] == "welcome"

@@ -24,8 +24,16 @@ What it does, as API Gateway (WebSocket API) does it:
 - The management API (``POST``/``GET``/``DELETE /@connections/{id}``, also
   under ``/<stage>/@connections/{id}``) answers as ``apigatewaymanagementapi``
   does, 410 ``GoneException`` for closed sockets, so a boto3 client pointed at
-  the gateway's URL works; :meth:`Gateway.deliver` is the in-process shortcut
-  used by the local stack's sender.
+  the gateway's URL works; :meth:`Gateway.post` (and its awaitable form
+  :meth:`Gateway.deliver`) is the in-process shortcut used by the local
+  stack's sender.
+
+Posting from a handler's thread is cheap, as PostToConnection is: the frame
+is checked (size, connection still open: else ``PayloadTooLarge`` /
+``ConnectionGone`` at once) and queued; the gateway's loop is woken once per
+batch of queued frames (one ``call_soon_threadsafe``, not one future per
+frame) and writes each connection's frames in the order they were posted.
+A frame posted just before its socket closes is dropped, as on API Gateway.
 
 Handlers are synchronous and run their own event loops, so they are always
 called in a thread pool, never on the gateway's loop.
@@ -39,12 +47,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import contextlib
 import functools
 import hmac
 import json
 import logging
 import os
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -210,6 +220,9 @@ class LocalConnection:
     close_reason: str = ""
     send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     closed: asyncio.Event = field(default_factory=asyncio.Event)
+    outbox: collections.deque[str | bytes] = field(default_factory=collections.deque)
+    """Frames posted and not yet written (see :meth:`Gateway.post`)."""
+    writer: asyncio.Task[None] | None = None
 
 
 class Gateway:
@@ -261,6 +274,10 @@ class Gateway:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        # Frames posted from any thread, waiting for the loop's next flush.
+        self._posted: list[tuple[LocalConnection, str | bytes]] = []
+        self._posted_lock = threading.Lock()
+        self._flush_scheduled = False
         self.stats = {"connects": 0, "refused": 0, "messages": 0, "disconnects": 0}
 
     # ------------------------------------------------------------------ setup
@@ -723,7 +740,13 @@ class Gateway:
     # ------------------------------------------------------- from any thread
 
     async def deliver(self, connection_id: str, data: bytes | str) -> None:
-        """Send ``data`` over a socket, awaitable from any thread's event loop.
+        """:meth:`post`, awaitable (the sender's ``on_deliver`` hook may be either)."""
+        self.post(connection_id, data)
+
+    def post(self, connection_id: str, data: bytes | str) -> None:
+        """PostToConnection from any thread: ``data`` is queued for the socket; returns at once.
+
+        Frames to one connection are written in the order they were posted.
 
         Raises:
             ConnectionGone: the socket is closed (or never existed).
@@ -737,22 +760,41 @@ class Gateway:
             with contextlib.suppress(UnicodeDecodeError):
                 data = data.decode("utf-8")
         conn = self.connections.get(connection_id)
-        if conn is None or self._loop is None:
+        loop = self._loop
+        if conn is None or not conn.open or loop is None:
             raise ConnectionGone(f"connection {connection_id} is gone")
+        with self._posted_lock:
+            self._posted.append((conn, data))
+            if self._flush_scheduled:
+                return  # the wakeup already asked for takes this frame too
+            self._flush_scheduled = True
         try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is self._loop:
-            await self._send(conn, data)
-            return
-        coro = self._send(conn, data)
-        try:
-            future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+            loop.call_soon_threadsafe(self._flush)
         except RuntimeError:  # the gateway's loop is closed: the server stopped
-            coro.close()
             raise ConnectionGone(f"connection {connection_id} is gone") from None
-        await asyncio.wrap_future(future)
+
+    def _flush(self) -> None:
+        """On the loop: hand every posted frame to its connection's writer."""
+        with self._posted_lock:
+            batch, self._posted = self._posted, []
+            self._flush_scheduled = False
+        for conn, data in batch:
+            if not conn.open:
+                continue  # closed since it was posted: dropped, as on API Gateway
+            conn.outbox.append(data)
+            if conn.writer is None:
+                conn.writer = asyncio.get_running_loop().create_task(self._write(conn))
+
+    async def _write(self, conn: LocalConnection) -> None:
+        """Write ``conn``'s queued frames in order (one task per connection with frames)."""
+        try:
+            while conn.outbox:
+                try:
+                    await self._send(conn, conn.outbox.popleft())
+                except ConnectionGone:
+                    conn.outbox.clear()
+        finally:
+            conn.writer = None
 
     def _submit(self, coro: Any) -> Any:
         if self._loop is None:

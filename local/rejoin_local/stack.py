@@ -4,7 +4,10 @@ What runs:
 
 - the Upstash-compatible REST endpoint (``rejoin_local.upstash_rest``) on
   port 8079, over an embedded store, or over a real Redis when ``REDIS_URL``
-  is set;
+  is set, in a child process of its own (as Upstash is another machine on
+  AWS, its work does not share this interpreter's GIL; see
+  ``rejoin_local.upstash_process``: stopped with the stack, never orphaned),
+  or in this process with ``--upstash-in-process``;
 - on port 8080: the WebSocket gateway (``/ws``, API Gateway's semantics,
   calling the real ``functions/connect|message|disconnect`` handlers), its
   management API (``/@connections/{id}``), the HTTP API (``functions/api``
@@ -64,7 +67,8 @@ under a name of their choosing (a new participant id, shown as such), no more.
 
 Environment (each also a command-line option, see ``--help``):
 ``REJOIN_HOST``, ``REJOIN_PORT`` (8080), ``REJOIN_UPSTASH_PORT`` (8079),
-``REDIS_URL``, ``REJOIN_GRACE_SECONDS`` (120),
+``REDIS_URL``, ``REJOIN_UPSTASH_IN_PROCESS`` (``1``: the endpoint in this
+process), ``REJOIN_GRACE_SECONDS`` (120),
 ``REJOIN_CLEANUP_INTERVAL_SECONDS`` (60), ``REJOIN_IDLE_TIMEOUT_SECONDS``
 (600), ``REJOIN_MAX_CONNECTION_SECONDS`` (7200), ``REJOIN_TOKEN_SECRET``,
 ``REJOIN_ADMIN_KEY``, ``REJOIN_LOCAL_UPSTASH_TOKEN``, ``OPENAI_API_KEY``,
@@ -199,6 +203,8 @@ class StackConfig:
         upstash_url: use this running Upstash-compatible endpoint instead of
             starting one (tests pass the session's endpoint).
         upstash_token: the endpoint's bearer token.
+        upstash_in_process: serve the endpoint in this process (a thread)
+            instead of a child process of its own.
         signing_key: the HS256 token-signing key.
         admin_key: the local admin key: the HTTP API's admin credential, and
             what ``/local/token`` and ``@connections`` require.
@@ -208,6 +214,9 @@ class StackConfig:
         max_duration: the gateway's longest connection, seconds.
         turn_attempts: tries per turn before it is dead-lettered.
         turn_backoff: seconds before the first retry of a failed turn (doubles).
+        ws_handler_threads: threads for the WebSocket routes' handlers
+            (``$connect``, messages, ``$disconnect``); turns and the cleanup
+            have their own pool.
         env: the environment the handlers' settings are read from.
         local_tokens: serve ``POST /local/token`` (the page's own minting).
     """
@@ -218,6 +227,7 @@ class StackConfig:
     redis_url: str | None = None
     upstash_url: str | None = None
     upstash_token: str = DEFAULT_UPSTASH_TOKEN
+    upstash_in_process: bool = False
     signing_key: str = DEFAULT_SIGNING_KEY
     admin_key: str = DEFAULT_ADMIN_KEY
     grace_seconds: int | None = None
@@ -226,6 +236,7 @@ class StackConfig:
     max_duration: float = 7200.0
     turn_attempts: int = 3
     turn_backoff: float = 0.5
+    ws_handler_threads: int = 8
     env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
     local_tokens: bool = True
 
@@ -239,6 +250,7 @@ class StackConfig:
             upstash_port=_env_int(env, "REJOIN_UPSTASH_PORT", 8079),
             redis_url=env.get("REDIS_URL") or None,
             upstash_token=env.get("REJOIN_LOCAL_UPSTASH_TOKEN") or DEFAULT_UPSTASH_TOKEN,
+            upstash_in_process=env.get("REJOIN_UPSTASH_IN_PROCESS", "") in ("1", "true", "yes"),
             signing_key=env.get("REJOIN_TOKEN_SECRET") or DEFAULT_SIGNING_KEY,
             admin_key=env.get("REJOIN_ADMIN_KEY") or DEFAULT_ADMIN_KEY,
             grace_seconds=None,  # the handlers' settings read REJOIN_GRACE_SECONDS
@@ -378,7 +390,7 @@ class LocalSender(InMemorySender):
     def attach(self, gateway: Gateway) -> None:
         """Deliver through ``gateway`` from now on."""
         self.gateway = gateway
-        self.on_deliver = gateway.deliver
+        self.on_deliver = gateway.post  # queues the frame and returns: no future per frame
 
     async def close(self, connection_id: str) -> None:
         """DeleteConnection: forget it here and close its socket (``$disconnect`` runs)."""
@@ -604,7 +616,14 @@ class Stack:
 
     def __init__(self, config: StackConfig | None = None) -> None:
         self.config = config or StackConfig()
+        # Turns (seconds of model calls each) and the cleanup: many at once.
         self.executor = ThreadPoolExecutor(max_workers=32, thread_name_prefix="rejoin-handler")
+        # The WebSocket routes' handlers: short (one store request each), so a
+        # few threads keep up; more only contend for the GIL with the gateway's
+        # loop (bench/README.md, "Local stack under load").
+        self.ws_executor = ThreadPoolExecutor(
+            max_workers=self.config.ws_handler_threads, thread_name_prefix="rejoin-handler-ws"
+        )
         self.sender = LocalSender()
         self.queue = InMemoryTurnQueue()
         self.gateway: Gateway | None = None
@@ -619,6 +638,9 @@ class Stack:
         self.on_started: Callable[[], None] | None = None
         self.generated: list[str] = []
         """Environment names of the secrets generated for this run (see the module doc)."""
+        self.exit_status = 0
+        """What :meth:`run` returns: 1 once the Upstash endpoint's process died."""
+        self._foreground = False
 
     # -------------------------------------------------------------- handlers
 
@@ -828,6 +850,7 @@ class Stack:
                 await gateway.stop()
                 await worker.stop()
                 await asyncio.to_thread(self.executor.shutdown, wait=True, cancel_futures=True)
+                await asyncio.to_thread(self.ws_executor.shutdown, wait=True, cancel_futures=True)
 
         routes: list[BaseRoute] = [
             *gateway.routes(),
@@ -854,23 +877,15 @@ class Stack:
                 self.upstash_url = cfg.upstash_url
                 self.upstash_backend = "given"
             else:
-                from .upstash_rest import create_app as create_upstash
-                from .upstash_rest import serve as serve_upstash
-
-                upstash_app = create_upstash(redis_url=cfg.redis_url, token=cfg.upstash_token)
-                try:
-                    running = stack.enter_context(
-                        serve_upstash(upstash_app, cfg.host, cfg.upstash_port)
-                    )
-                except OSError as exc:
-                    raise SystemExit(
-                        f"cannot listen on {cfg.host}:{cfg.upstash_port} for the Upstash "
-                        f"endpoint ({exc.strerror}): pick another with --upstash-port"
-                    ) from None
-                self.upstash_url = running.url
-                self.upstash_backend = (
-                    f"Redis at {_redact(cfg.redis_url)}" if cfg.redis_url else "embedded store"
-                )
+                backend = "embedded store"
+                if cfg.redis_url:
+                    backend = f"Redis at {_redact(cfg.redis_url)}"
+                if cfg.upstash_in_process:
+                    self.upstash_url = self._upstash_in_process(stack)
+                    self.upstash_backend = f"{backend}, in this process"
+                else:
+                    self.upstash_url, pid = self._upstash_child(stack)
+                    self.upstash_backend = f"{backend}, own process pid {pid}"
             self.settings = cfg.settings(self.upstash_url)
             self.runtime = Runtime(self.settings, sender=self.sender, queue=self.queue)
             set_runtime(self.runtime)
@@ -894,7 +909,7 @@ class Stack:
                     max_duration=cfg.max_duration,
                     management_key=cfg.admin_key,
                 ),
-                executor=self.executor,
+                executor=self.ws_executor,
                 on_open=self.sender.open,
                 on_close=self.sender.close_socket,
             )
@@ -909,6 +924,54 @@ class Stack:
             )
             self.queue.on_enqueue = self.worker.notify
             yield self.build_app()
+
+    def _upstash_in_process(self, stack: contextlib.ExitStack) -> str:
+        """Serve the endpoint on a thread of this process; its URL."""
+        from .upstash_rest import create_app as create_upstash
+        from .upstash_rest import serve as serve_upstash
+
+        cfg = self.config
+        upstash_app = create_upstash(redis_url=cfg.redis_url, token=cfg.upstash_token)
+        try:
+            running = stack.enter_context(serve_upstash(upstash_app, cfg.host, cfg.upstash_port))
+        except OSError as exc:
+            raise SystemExit(
+                f"cannot listen on {cfg.host}:{cfg.upstash_port} for the Upstash "
+                f"endpoint ({exc.strerror}): pick another with --upstash-port"
+            ) from None
+        return running.url
+
+    def _upstash_child(self, stack: contextlib.ExitStack) -> tuple[str, int]:
+        """Start the endpoint in a child process (stopped with the stack); its URL and pid."""
+        from .upstash_process import EndpointStartError, endpoint_process
+
+        cfg = self.config
+        try:
+            running = stack.enter_context(
+                endpoint_process(
+                    cfg.host,
+                    cfg.upstash_port,
+                    redis_url=cfg.redis_url,
+                    token=cfg.upstash_token,
+                    on_exit=self._upstash_exited,
+                )
+            )
+        except EndpointStartError as exc:
+            raise SystemExit(
+                f"{exc}\n(if port {cfg.upstash_port} is taken, pick another with --upstash-port)"
+            ) from None
+        return running.url, running.pid
+
+    def _upstash_exited(self, status: int) -> None:
+        """The endpoint's process died under the stack: say so, and stop (nothing works)."""
+        log.error(
+            "the Upstash endpoint's process exited (status %d): the handlers have no store; "
+            "stopping the stack",
+            status,
+        )
+        self.exit_status = 1
+        if self._foreground:
+            os.kill(os.getpid(), signal.SIGTERM)  # run() stops as on Ctrl-C
 
     @contextlib.contextmanager
     def serve_in_thread(self) -> Iterator[StackUrls]:
@@ -1015,10 +1078,12 @@ class Stack:
                 # uvicorn shuts down gracefully on Ctrl-C (or SIGTERM), then re-raises
                 # the signal: handled here as a KeyboardInterrupt, so the rest stops too.
                 previous = signal.signal(signal.SIGTERM, _interrupt)
+                self._foreground = True
                 try:
                     with contextlib.suppress(KeyboardInterrupt):
                         server.run(sockets=[sock])
                 finally:
+                    self._foreground = False
                     signal.signal(signal.SIGTERM, previous)
                 log.info("stopping: sockets closed, worker and cleanup stopped")
         except KeyboardInterrupt:
@@ -1026,7 +1091,7 @@ class Stack:
         finally:
             sock.close()
         log.info("stopped")
-        return 0
+        return self.exit_status
 
 
 def _interrupt(signum: int, frame: Any) -> None:
@@ -1066,6 +1131,13 @@ def _parser() -> argparse.ArgumentParser:
         "--redis-url", help="front a real Redis (env REDIS_URL; default: embedded store)"
     )
     p.add_argument(
+        "--upstash-in-process",
+        action="store_true",
+        help="serve the Upstash-compatible endpoint on a thread of this process (env "
+        "REJOIN_UPSTASH_IN_PROCESS=1; default: a child process of its own, stopped with the "
+        "stack, as Upstash is another machine on AWS)",
+    )
+    p.add_argument(
         "--grace",
         type=int,
         metavar="SECONDS",
@@ -1089,9 +1161,20 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _raise_open_file_limit() -> None:
+    """Soft open-file limit up to the hard one: each WebSocket is a file (1,024 is few)."""
+    import resource
+
+    with contextlib.suppress(ValueError, OSError):
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m rejoin_local``."""
     args = _parser().parse_args(argv)
+    _raise_open_file_limit()
     # Handlers read these at import: quiet JSON logs and no EMF metric blobs on stdout.
     os.environ.setdefault("POWERTOOLS_SERVICE_NAME", "rejoin-local")
     os.environ.setdefault("POWERTOOLS_LOG_LEVEL", "INFO" if args.verbose else "WARNING")
@@ -1113,6 +1196,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides["upstash_port"] = args.upstash_port
     if args.redis_url:
         overrides["redis_url"] = args.redis_url
+    if args.upstash_in_process:
+        overrides["upstash_in_process"] = True
     if args.grace is not None:
         overrides["grace_seconds"] = args.grace
     if args.cleanup_interval is not None:

@@ -1208,8 +1208,22 @@ def serve(app: Starlette, host: str = "127.0.0.1", port: int = 0) -> Iterator[Ru
         yield RunningServer(url=served.url(), host=served.host, port=served.port)
 
 
+def _watch_parent(fd: int, server: uvicorn.Server) -> None:
+    """Stop ``server`` once ``fd`` reads end of file (the parent is gone); exit if it hangs."""
+
+    def watch() -> None:
+        with contextlib.suppress(OSError):
+            while os.read(fd, 512):
+                pass
+        server.should_exit = True
+        time.sleep(10)  # a graceful stop takes well under this
+        os._exit(1)
+
+    threading.Thread(target=watch, name="rejoin-parent-watch", daemon=True).start()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the endpoint until Ctrl-C.
+    """Run the endpoint until Ctrl-C (or until the ``--parent-fd`` pipe closes).
 
     Args:
         argv: command-line arguments (default ``sys.argv[1:]``).
@@ -1233,16 +1247,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=os.environ.get("UPSTASH_REDIS_REST_TOKEN") or "local-dev-token",
         help="bearer token (default: $UPSTASH_REDIS_REST_TOKEN, else local-dev-token)",
     )
+    parser.add_argument(
+        "--parent-fd",
+        type=int,
+        metavar="FD",
+        help="stop when this inherited file descriptor reaches end of file: the read end "
+        "of a pipe whose write end only the parent holds, so this process never outlives "
+        "it (rejoin_local.upstash_process uses it)",
+    )
     args = parser.parse_args(argv)
 
     app = create_app(redis_url=args.redis_url or None, token=args.token)
     endpoint: Endpoint = app.state.endpoint
-    sock = bind(args.host, args.port)
+    try:
+        sock = bind(args.host, args.port)
+    except OSError as exc:
+        print(f"cannot listen on {args.host}:{args.port} ({exc.strerror})", file=sys.stderr)
+        return 1
     url = base_url(*client_address(sock))
     backend = "an embedded in-memory store" if endpoint.embedded else endpoint.redis_url
     print(f"Upstash-compatible REST endpoint on {url}, backed by {backend}", flush=True)
     print(f"UPSTASH_REDIS_REST_URL={url} UPSTASH_REDIS_REST_TOKEN={args.token}", flush=True)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    if args.parent_fd is not None:
+        _watch_parent(args.parent_fd, server)
     try:
         server.run(sockets=[sock])
     except KeyboardInterrupt:
