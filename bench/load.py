@@ -636,7 +636,10 @@ _CATEGORIES = (
     ("JSON", ("json/",)),
     ("pydantic", ("pydantic",)),
     ("Powertools logging/metrics", ("aws_lambda_powertools", "observability.py")),
-    ("HTTP client to Upstash (httpx/httpcore/h11)", ("httpx/", "httpcore", "_http1.py")),
+    (
+        "HTTP client to Upstash (rejoin._http1; httpx under a proxy)",
+        ("httpx/", "httpcore", "_http1.py", "_upstash_http.py"),
+    ),
     ("upstash-redis client", ("upstash_redis",)),
     ("Upstash endpoint (Starlette app, RESP to Redis)", ("upstash_rest.py",)),
     ("uvicorn WebSocket protocol / websockets", ("websockets", "websockets_sansio_impl")),
