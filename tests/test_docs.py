@@ -419,6 +419,8 @@ RULES: list[Rule] = [
          "tests/test_bench_smoke.py runs it small inside `make test`"),
     skip(r"make bench", "the benchmarks take minutes of every core; tests/test_bench_smoke.py "
          "runs them small inside `make test`"),
+    skip(r"make load(?: ARGS=\"[^\"]*\")?", "puts 1,000 WebSocket clients on a stack for about "
+         "25 s of every core; tests/test_load.py runs it small inside `make test`"),
     skip(r"make build", INTERNET + "; `make test` builds the same artefacts"),
     # AWS.
     skip(r"make deploy(?: SAM_ENV=\w+)?(?: ARGS=.*)?", AWS),
