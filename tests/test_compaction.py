@@ -418,3 +418,40 @@ async def test_the_sdk_compaction_session_stores_through_atomic_replace(
     assert [i.get("type") for i in stored if i.get("role") != "user"] == ["compaction"]
     users = [i for i in stored if i.get("role") == "user"]
     assert [i["content"][0]["text"] for i in users] == ["first", "second", "third"]
+
+
+def test_the_turn_worker_compacts_a_long_history_and_keeps_the_transcript(
+    upstash: Any,
+) -> None:
+    """GIVEN the real handlers and turn worker on the offline model, with a low
+    compaction threshold (400 estimated tokens, keeping 150)
+    WHEN twelve messages are answered, one turn after another
+    THEN the stored history starts with one summary item and stays small
+    AND the event log participants read keeps every message and every answer
+    AND every turn was answered once (compaction never costs an answer)."""
+    import redis
+    from harness import make_stack, offline_agent
+
+    from rejoin.runtime import set_runtime
+
+    stack = make_stack(
+        upstash, agent=offline_agent(), compact_at_tokens=400, compact_keep_tokens=150
+    )
+    raw = redis.Redis.from_url(upstash.redis_url, decode_responses=True)
+    try:
+        ada, _ = stack.join("cmp-turns", "ada")
+        for n in range(12):
+            stack.say(ada, f"message number {n} " + "words " * 20)
+            stack.run_turns()
+        items = [json.loads(i) for i in raw.lrange("rejoin:{cmp-turns}:items", 0, -1)]
+        assert parse_summary_item(items[0]) is not None
+        assert sum(1 for i in items if parse_summary_item(i) is not None) == 1
+        assert sum(estimate_tokens(i) for i in items) < 400 + 150
+        events = [json.loads(e) for e in raw.lrange("rejoin:{cmp-turns}:events", 0, -1)]
+        said = [e["text"] for e in events if e["type"] == "message"]
+        assert said == [f"message number {n} " + "words " * 20 for n in range(12)]
+        answers = [e["reply_to"] for e in events if e["type"] == "agent_message"]
+        assert answers == [e["seq"] for e in events if e["type"] == "message"]
+    finally:
+        raw.close()
+        set_runtime(None)

@@ -536,6 +536,29 @@ class TestCleanup:
         assert stack.cleanup()["expired"] == ["c1"]
         assert session_keys(raw_redis, "c1") == []
 
+    def test_after_the_cleanup_no_key_of_the_session_remains(self, upstash, raw_redis):
+        """GIVEN a session with the rate limiter on (a window long enough that its
+        key outlives the grace), messages, an agent turn, a stop, a leave and a
+        $disconnect (so the rate, departed, ops and results keys all exist)
+        WHEN the last participant has gone and the cleanup deletes the session
+        THEN no key of the session remains, the rate limiter's included."""
+        stack = make_stack(upstash, agent=offline_agent(), rate_limit=50, rate_window_seconds=3600)
+        try:
+            ada, _ = stack.join("c9", "ada")
+            bob, _ = stack.join("c9", "bob")
+            stack.say(ada, "hello")
+            stack.run_turns()
+            stack.send(ada, {"action": "stop"})
+            stack.drop(bob)
+            stack.send(bob, {"action": "leave"})  # after its own $disconnect
+            assert "rejoin:{c9}:rate" in session_keys(raw_redis, "c9")
+            stack.drop(ada)
+            stack.clock.advance(123)
+            assert stack.cleanup()["expired"] == ["c9"]
+            assert session_keys(raw_redis, "c9") == []
+        finally:
+            set_runtime(None)
+
     def test_cleanup_is_idempotent_and_reports(self, stack: Stack):
         for n in range(3):
             cid, _ = stack.join(f"c2-{n}", "ada")

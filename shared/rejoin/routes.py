@@ -29,6 +29,7 @@ from .errors import (
     SendError,
     SessionGone,
     StoreError,
+    StoreTimeout,
     TokenExpired,
     TokenRevoked,
 )
@@ -238,13 +239,16 @@ async def on_message(
         await _tell(sender, connection_id, _gone(client_id, exc))
     except NotJoined as exc:
         await _tell(sender, connection_id, error_frame("not_joined", str(exc), client_id=client_id))
-    except StoreError:
+    except StoreError as exc:
         logger.exception("store failed")
-        await _tell(
-            sender,
-            connection_id,
-            error_frame("internal", "the frame was not applied; retry", client_id=client_id),
+        # A request that timed out may still be applied later: say so, never "not applied".
+        message = (
+            "the store did not answer in time: the frame may have been applied; "
+            "send it again (a say with the same id is stored once)"
+            if isinstance(exc, StoreTimeout)
+            else "the frame was not applied; retry"
         )
+        await _tell(sender, connection_id, error_frame("internal", message, client_id=client_id))
     return Answer(200)
 
 
