@@ -90,3 +90,38 @@ def test_the_runner_names_every_benchmark() -> None:
     only_line = next(line for line in opening.splitlines() if "--only store" in line)
     missing = [c for c in choices if c not in only_line and f"--only {c}" not in opening]
     assert not missing, missing
+
+
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), BENCH_README]
+
+
+def test_stack_wide_keys_named_in_the_docs_are_the_stores() -> None:
+    """GIVEN every doc page
+    WHEN it names a stack-wide key (`rejoin:<name>`, no session hash tag)
+    THEN the room store builds that key: a page must not describe keys the code
+    no longer writes.
+    """
+    from rejoin.rooms import RoomStore
+
+    store = RoomStore(object(), key_prefix="rejoin")  # type: ignore[arg-type]
+    built = {store.schedule_key}
+    named = {
+        (doc.name, key)
+        for doc in DOCS
+        for key in re.findall(r"`(rejoin:[a-z_]+)`", doc.read_text())
+    }
+    assert {(doc, key) for doc, key in named if key not in built} == set()
+
+
+def test_deploy_md_does_not_rule_out_the_cluster_the_tests_run_on() -> None:
+    """GIVEN tests/test_transport.py::TestRoomsOnCluster, which runs the whole deployment
+    on a three-node Redis Cluster (redis+cluster://)
+    WHEN docs/deploy.md describes Redis Cluster
+    THEN it does not tell the reader to avoid it, and points at that test.
+    """
+    text = " ".join((ROOT / "docs" / "deploy.md").read_text().split())
+    note = text.split("**Redis Cluster.**", 1)[1].split("**2.", 1)[0]
+    assert "cluster-mode-disabled cache" not in note and "CROSSSLOT" not in note, note
+    assert "TestRoomsOnCluster" in note
+    transport = (ROOT / "tests" / "test_transport.py").read_text()
+    assert "class TestRoomsOnCluster" in transport
