@@ -61,3 +61,16 @@ def test_no_section_of_the_docs_is_a_placeholder() -> None:
         if PLACEHOLDER.search(line)
     ]
     assert not left, "placeholders left in the docs:\n" + "\n".join(left)
+
+
+def test_the_adversarial_list_runs_every_file_it_names() -> None:
+    """GIVEN docs/security.md's adversarial list and its "Run them all with" command
+    WHEN the test files its tables name are compared with the files the command runs
+    THEN the command runs every one of them: rerunning it reruns every attack listed.
+    """
+    section = (ROOT / "docs" / "security.md").read_text().partition("## Adversarial tests")[2]
+    command = re.search(r"Run them all with\s+`([^`]+)`", section)
+    assert command, "docs/security.md: the adversarial list says how to run it"
+    run = set(re.findall(r"tests/test_\w+\.py", command.group(1)))
+    named = {m.group(0).split("::")[0] for m in REFERENCE.finditer(section)}
+    assert named <= run, f"the command leaves out {sorted(named - run)}"
