@@ -74,3 +74,24 @@ def test_the_adversarial_list_runs_every_file_it_names() -> None:
     run = set(re.findall(r"tests/test_\w+\.py", command.group(1)))
     named = {m.group(0).split("::")[0] for m in REFERENCE.finditer(section)}
     assert named <= run, f"the command leaves out {sorted(named - run)}"
+
+
+def test_the_rate_limit_is_described_as_every_frame_everywhere() -> None:
+    """GIVEN the rate limit that every frame costs (issue 9, item 3: resume, ping,
+    leave and unknown actions too, per connection and per participant)
+    WHEN the template's RateLimit parameter and its rows in docs/deploy.md and
+    docs/security.md are read
+    THEN none describes it as a limit on messages only.
+    """
+    template = (ROOT / "template.yaml").read_text()
+    described = re.search(r"\n  RateLimit:\n(?:    .*\n)*?    Description: (.*)", template)
+    assert described, "template.yaml: RateLimit has a description"
+    rows = [
+        line
+        for doc in ("deploy.md", "security.md")
+        for line in (ROOT / "docs" / doc).read_text().splitlines()
+        if line.startswith("|") and "`RateLimit`" in line
+    ]
+    assert rows, "docs/deploy.md and docs/security.md describe RateLimit"
+    for text in [described.group(1), *rows]:
+        assert "frame" in text.lower() and "messages" not in text.lower(), text
