@@ -546,6 +546,39 @@ class TestRemoveParticipant:
         assert_problem(response, 401, "unauthorized")
         assert client.get("/sessions/s-kick2", headers=admin()).json()["connections"] == 1
 
+    @pytest.mark.parametrize("revoke", ["end", "remove"])
+    def test_a_token_minted_in_the_second_of_a_revocation_works(
+        self, client: TestClient, stack: Stack, revoke: str
+    ):
+        """GIVEN a session whose end (or Ada's removal) was recorded at 12.5 s past a second
+        WHEN the admin starts it again and mints Ada a token in that same second
+        THEN the token the API hands out connects and reads (it is not born revoked),
+        while Ada's token from before the revocation stays refused.
+        """
+        stack.clock.advance(0.5 - stack.clock() % 1)  # half-way through a second
+        old = stack.token("s-same-second", "ada")
+        stack.join("s-same-second", "ada")
+        if revoke == "end":
+            assert client.delete("/sessions/s-same-second", headers=admin()).status_code == 204
+            created = client.post(
+                "/sessions", json={"session_id": "s-same-second"}, headers=admin()
+            )
+            assert created.status_code == 201, created.text
+        else:
+            gone = client.delete("/sessions/s-same-second/participants/ada", headers=admin())
+            assert gone.status_code == 204
+        minted = client.post(
+            "/sessions/s-same-second/tokens",
+            json={"user_id": "ada", "name": "Ada"},
+            headers=admin(),
+        )
+        assert minted.status_code == 200, minted.text
+        fresh = minted.json()["token"]
+        got = client.get("/sessions/s-same-second/transcript", headers=bearer(fresh))
+        assert got.status_code == 200, got.text
+        assert stack.connect("s-same-second", "ada", token=fresh)[0] == 200
+        assert stack.connect("s-same-second", "ada", token=old)[0] == 403
+
     def test_after_the_end_old_tokens_cannot_read_the_next_epoch(
         self, client: TestClient, stack: Stack
     ):

@@ -250,6 +250,12 @@ async def post_token(session_id: SessionIdPath, body: TokenRequest, rt: RuntimeD
             "no token signing secret is configured (REJOIN_TOKEN_SECRET_NAME)",
         )
     issued = math.floor(rt.clock())  # the clock the verifier checks expiry with
+    if await rt.rooms().revoked(session_id, body.user_id, issued):
+        # The session ended (or the user was removed) earlier in this second:
+        # `iat` has one-second resolution, so a token issued now would be born
+        # revoked. The next second is after the revocation, and well within the
+        # `iat` leeway (REJOIN_TOKEN_IAT_LEEWAY_SECONDS).
+        issued += 1
     try:
         token = mint_token(
             secret=s.token_secret,
