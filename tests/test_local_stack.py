@@ -117,6 +117,35 @@ def test_a_browser_secret_is_one_participant_per_session_and_name(stack: Any) ->
 # ---------------------------------------------------------------------------
 
 
+async def test_a_token_minted_in_the_second_of_an_end_connects(stack: Any) -> None:
+    """GIVEN a session that the admin ends through the HTTP API
+    WHEN the page asks /local/token for a new token within the same second
+    THEN that token joins the session's next epoch (it is not born revoked:
+    `iat` has one-second resolution), while the old one stays refused."""
+    key = f"Bearer {stack.config.admin_key}"
+    old = _token_request(stack, key, session="s-end", name="Ada", user="u-ada").json()["token"]
+    async with connect(f"{stack.urls.ws}?session=s-end&token={old}"):
+        pass
+    # Start just after a second boundary, so the end and the mint share a second.
+    if (fraction := time.time() % 1) > 0.3:
+        await asyncio.sleep(1 - fraction)
+    async with httpx.AsyncClient(base_url=stack.urls.http, headers={"Authorization": key}) as http:
+        ended = await http.delete("/api/sessions/s-end")
+        fresh = await http.post(
+            "/local/token", json={"session": "s-end", "name": "Ada", "user": "u-ada"}
+        )
+    assert ended.status_code in (200, 204), ended.text
+    assert fresh.status_code == 200, fresh.text
+    async with connect(f"{stack.urls.ws}?session=s-end&token={fresh.json()['token']}") as ws:
+        await ws.send(json.dumps({"action": "resume"}))
+        while json.loads(await asyncio.wait_for(ws.recv(), 10))["type"] != "welcome":
+            pass
+    with pytest.raises(InvalidStatus) as refused:
+        async with connect(f"{stack.urls.ws}?session=s-end&token={old}"):
+            pass
+    assert refused.value.response.status_code == 403
+
+
 def test_requests_for_another_host_name_are_refused(stack: Any) -> None:
     # A page that rebinds its own name to 127.0.0.1 sends its name as Host.
     admin = {"Authorization": f"Bearer {stack.config.admin_key}"}

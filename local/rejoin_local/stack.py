@@ -115,7 +115,7 @@ from .handlers import LocalLambdaContext, ensure_shared_on_path, load_api_app, l
 ensure_shared_on_path()
 
 from rejoin.config import Settings  # noqa: E402
-from rejoin.errors import RejoinError  # noqa: E402
+from rejoin.errors import RejoinError, StoreError  # noqa: E402
 from rejoin.queue import InMemoryTurnQueue, TurnRequest, sqs_event  # noqa: E402
 from rejoin.runtime import Runtime, set_runtime  # noqa: E402
 from rejoin.sender import InMemorySender  # noqa: E402
@@ -713,7 +713,12 @@ class Stack:
         return f"u-{slug}-{digest[:12]}"
 
     def _mint(
-        self, session: str, name: str, user: str | None, secret: str | None = None
+        self,
+        session: str,
+        name: str,
+        user: str | None,
+        secret: str | None = None,
+        now: float | None = None,
     ) -> dict[str, Any]:
         from rejoin.tokens import mint_token
 
@@ -729,6 +734,7 @@ class Stack:
             user_id=user,
             name=name,
             ttl_seconds=LOCAL_TOKEN_TTL,
+            now=now,
         )
         return {
             "token": token,
@@ -738,6 +744,16 @@ class Stack:
             "expires_in": LOCAL_TOKEN_TTL,
             "invite": self.invite(session),
         }
+
+    async def _born_revoked(self, session: str, user: str, issued: float) -> bool:
+        """Whether a token of ``user`` issued at ``issued`` would be refused as revoked."""
+        if self.runtime is None:
+            return False
+        try:
+            return await self.runtime.rooms().revoked(session, user, issued)
+        except StoreError:
+            log.warning("could not check revocations before minting (store unavailable)")
+            return False
 
     def _local_credential(self, request: Request, session: str) -> str | None:
         """``"admin"`` or ``"invite"`` for a valid credential for ``session``, else None."""
@@ -796,8 +812,14 @@ class Stack:
                 {"detail": "an invite cannot choose a user id; send a secret instead"},
                 status_code=403,
             )
+        issued = math.floor(time.time())
         try:
-            grant = self._mint(session, name, user, secret)
+            grant = self._mint(session, name, user, secret, now=issued)
+            if await self._born_revoked(session, grant["user"], issued):
+                # The session ended (or this user was removed) earlier in this
+                # second and `iat` has one-second resolution: issue it at the
+                # next one, well within the verifier's `iat` leeway.
+                grant = self._mint(session, name, grant["user"], now=issued + 1)
         except (RejoinError, ValueError) as exc:
             return JSONResponse({"detail": str(exc)}, status_code=400)
         log.info(
