@@ -43,7 +43,7 @@ from openai.types.responses.response_reasoning_item import Summary
 
 from rejoin.models import split_into_chunks
 
-__all__ = ["call", "cut", "reasoning", "script", "text", "words"]
+__all__ = ["call", "cut", "held", "reasoning", "script", "text", "words"]
 
 
 def _id(prefix: str) -> str:
@@ -190,6 +190,24 @@ def cut(said: str, error: Exception, *, deltas: int | None = None) -> ModelStep:
         raise error
 
     return ModelStep.stream(stream)
+
+
+def held(said: str, entered: asyncio.Event, release: asyncio.Event) -> ModelStep:
+    """A streamed step that answers ``said`` only once ``release`` is set.
+
+    It sets ``entered`` when the model is called, so a test knows the turn is
+    under way (its lease taken) and can act while it waits.
+    """
+    message = _message(said)
+    events = _events(message, None)
+
+    async def stream(_: Any) -> AsyncIterator[TResponseStreamEvent]:
+        entered.set()
+        await release.wait()
+        for event in events:
+            yield event
+
+    return ModelStep.stream(stream, output=[message])
 
 
 def script(steps: Iterable[Any]) -> ScriptedModel:

@@ -523,6 +523,9 @@ async def test_posts_from_many_threads_arrive_once_each_in_each_threads_order(
     gateway, running = server
     first, second = await _open(running), await _open(running)
     ids = [e["requestContext"]["connectionId"] for e in stubs.of("$connect")]
+    # The client may see the handshake done a moment before the gateway has
+    # registered the socket: wait for both.
+    await _until(lambda: all(i in gateway.connections for i in ids))
     threads, per_thread = 8, 50
 
     def poster(worker: int) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import redis
 from harness import Stack, make_stack, offline_agent, scripted_agent
-from scripted import call, cut
+from scripted import call, cut, held
 
 from rejoin.errors import SessionGone
 from rejoin.runtime import set_runtime
@@ -489,18 +489,23 @@ class TestTurns:
             stack.say(ada, f"q{n}")
         turns = stack.queue.take("t5")
 
-        # WHEN two workers run two turns of the session at the same moment
+        # WHEN a second worker runs another turn of the session while the first
+        # worker's turn is under way (its model holds the answer until released)
         async def both() -> list[Any]:
-            return await asyncio.gather(
-                run_turn(stack.rt, turns[0], agent=stack.agent),
-                run_turn(stack.rt, turns[1], agent=stack.agent),
-                return_exceptions=True,
+            entered, release = asyncio.Event(), asyncio.Event()
+            slow = scripted_agent([held("a0", entered, release)])
+            first = asyncio.ensure_future(run_turn(stack.rt, turns[0], agent=slow))
+            await asyncio.wait_for(entered.wait(), 10)
+            (second,) = await asyncio.gather(
+                run_turn(stack.rt, turns[1], agent=stack.agent), return_exceptions=True
             )
+            release.set()
+            return [await first, second]
 
         outcomes = stack.rt.run(both())
-        # THEN one ran and the other was refused (busy), never mixed
-        assert sorted(type(o).__name__ for o in outcomes) == ["TurnBusy", "str"]
-        ran = 0 if outcomes[0] == "done" else 1
+        # THEN the second was refused (busy) and the first ran whole, never mixed
+        assert [type(o).__name__ for o in outcomes] == ["str", "TurnBusy"]
+        ran = 0
         rest = [t for n, t in enumerate(turns) if n != ran]
         stack.queue._queues["t5"] = rest
         stack.run_turns()
