@@ -559,6 +559,7 @@ async def test_post_checks_size_and_connection_at_once(
     gateway, running = server
     ws = await _open(running)
     cid = stubs.of("$connect")[0]["requestContext"]["connectionId"]
+    await _until(lambda: cid in gateway.connections)
     try:
         with pytest.raises(PayloadTooLarge):
             gateway.post(cid, b"x" * (MESSAGE_LIMIT + 1))
