@@ -13,6 +13,7 @@ On failure, screenshots of every open page are saved under
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -604,3 +605,63 @@ def test_server_unreachable_is_told_apart_from_token_refused(upstash: Any, pages
     shown = errors_shown(ada, "connect")
     assert shown and "Cannot reach the server" in shown[-1], shown
     assert all("refused" not in text for text in shown)
+
+
+def test_a_message_stored_but_never_posted_is_filled_at_the_next_event(
+    stack: Any, pages: Pages
+) -> None:
+    """GIVEN Ada and Bob on the page (gap grace 0.3 s via ?gap_ms=300), and a
+    say of Bob's stored in the room's log without any post (the room store's
+    ``say`` called directly: a request that timed out, yet landed)
+    WHEN Bob sends the next message
+    THEN each page sends one gap-filling resume and shows the hidden message
+    exactly once, in seq order before the next one.
+    """
+    session = "gap-" + secrets.token_hex(4)
+
+    def link(name: str, **cred: str) -> str:
+        url = stack.urls.join(session, name, **cred)
+        at = url.index("#")
+        return url[:at] + "&gap_ms=300" + url[at:]
+
+    ada = pages.open("ada", link("Ada", key=stack.config.admin_key))
+    wait_status(ada, "connected")
+    bob = pages.open("bob", link("Bob", invite=stack.invite(session)))
+    wait_status(bob, "connected")
+    wait_until(lambda: presence_of(ada, "Bob") == "active", "Ada to see Bob active")
+    frames = bob.evaluate("() => window.rejoinDebug.frames")
+    you = next(f["frame"]["you"] for f in frames if f["frame"].get("type") == "welcome")
+
+    rt = stack.runtime
+    with concurrent.futures.ThreadPoolExecutor(
+        1
+    ) as pool:  # the runtime's own loop, off Playwright's
+        hidden = pool.submit(
+            rt.run,
+            rt.rooms().say(
+                session, you["connection"], "m-hidden", "stored, never posted",
+                speaker=(you["user"], you["name"]), addressed=False,
+            ),
+        ).result(10)  # fmt: skip
+    assert not hidden.duplicate
+    send(bob, "the next message")
+
+    for page in (ada, bob):
+        wait_until(
+            lambda page=page: (
+                {"stored, never posted", "the next message"}
+                <= {e["text"] for e in message_events(state(page))}
+            ),
+            "the hidden message and the next one",
+        )
+    time.sleep(1.0)  # room for a (wrong) second resume
+    for page in (ada, bob):
+        s = state(page)
+        texts = [e["text"] for e in s["events"] if e["type"] == "message"]
+        assert texts[:2] == ["stored, never posted", "the next message"], texts
+        assert dom_texts(page).count("stored, never posted") == 1
+        seqs = dom_seqs(page)
+        assert seqs == sorted(set(seqs)) and hidden.seq in seqs, seqs
+        assert s["gapFills"] == 1
+        assert s["floor"] == s["lastSeq"]
+    assert pages.errors == []

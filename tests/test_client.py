@@ -475,3 +475,131 @@ async def test_resumes_from_the_last_seq_after_a_drop(
     assert printed == [1, 1, 2, 3, 4, 4, 5], lines  # "sent .. as #1" follows "#1 Ada: one"
     assert any("while you were away" in line for line in lines)
     assert any("reconnecting" in line for line in lines)
+
+
+# ---------------------------------------------------------------------------
+# Gap filling: an event stored but never posted is fetched at the next one
+# ---------------------------------------------------------------------------
+
+EVENT_LINE = re.compile(r"^\[\d\d:\d\d:\d\d\] #(\d+) ")
+
+
+def _printed(out: io.StringIO) -> list[int]:
+    """The seqs of the events printed, in the order printed."""
+    return [int(m.group(1)) for m in map(EVENT_LINE.match, out.getvalue().splitlines()) if m]
+
+
+async def _joined(url: str, session: str, user: str, name: str, grace: float) -> ChatClient:
+    token = mint_token(
+        secret=DEFAULT_SIGNING_KEY, session_id=session, user_id=user, name=name, ttl_seconds=600
+    )
+    chat = ChatClient(
+        url=url, session=session, token=token, out=io.StringIO(), show_deltas=False,
+        gap_grace=grace,
+    )  # fmt: skip
+    task = asyncio.create_task(chat.run())
+    chat._background.add(task)  # type: ignore[arg-type]
+    await asyncio.wait_for(chat._welcomed.wait(), 10)
+    return chat
+
+
+async def _stop(*chats: ChatClient) -> None:
+    for chat in chats:
+        chat._leaving = True
+        for task in list(chat._background):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if chat._ws is not None:
+            await chat._ws.close()
+
+
+async def test_a_message_stored_but_never_posted_is_filled_at_the_next_event(stack: Any) -> None:
+    """GIVEN Ada and Bob in a session (real stack, gap grace 0.3 s), and a say of
+    Bob's stored in the room's log without any post (its request timed out: the
+    room store's ``say`` called directly, as the handler's first try landed)
+    WHEN Bob sends it again (same id: acknowledged as duplicate, no broadcast)
+    and then a normal message
+    THEN each client sent one gap-filling resume and printed the hidden message
+    exactly once, in seq order before the next one.
+    """
+    session = "gap-" + secrets.token_hex(4)
+    url = stack.urls.ws
+    ada = await _joined(url, session, "u-ada", "Ada", 0.3)
+    bob = await _joined(url, session, "u-bob", "Bob", 0.3)
+    try:
+        await _until(lambda: len(_printed(ada.out)) >= 2)  # both joined (presence)  # type: ignore[arg-type]
+        rt = stack.runtime
+        bob_cid = bob.welcomes[-1]["you"]["connection"]
+        hidden = await asyncio.to_thread(
+            rt.run,
+            rt.rooms().say(
+                session, bob_cid, "m-hidden", "stored, never posted",
+                speaker=("u-bob", "Bob"), addressed=False,
+            ),
+        )  # fmt: skip
+        assert not hidden.duplicate
+        # Bob resends it: the duplicate ack names a seq Bob never received.
+        assert await bob.send("stored, never posted", 10, "m-hidden") == hidden.seq
+        await _until(lambda: hidden.seq in bob.seen)
+        assert hidden.seq not in ada.seen  # nothing told Ada yet
+        after = await bob.send("the next message", 10)
+        await _until(lambda: after in ada.seen and hidden.seq in ada.seen)
+        await asyncio.sleep(0.5)  # room for a (wrong) second resume
+    finally:
+        await _stop(ada, bob)
+    for chat in (ada, bob):
+        text = chat.out.getvalue()  # type: ignore[attr-defined]
+        printed = _printed(chat.out)  # type: ignore[arg-type]
+        assert text.count("Bob: stored, never posted") == 1, text
+        assert printed == sorted(set(printed)), text  # each once, in seq order
+        assert hidden.seq in printed
+        assert chat.gap_fills == 1, text
+        assert chat.welcomes[-1]["events"][0]["seq"] == hidden.seq
+        assert text.count("* joined") == 1, text  # the fill is not shown as a new join
+    assert _printed(ada.out).index(hidden.seq) < _printed(ada.out).index(after)  # type: ignore[arg-type]
+
+
+async def test_events_arriving_out_of_order_within_the_grace_ask_nothing(
+    fake_room: tuple[FakeRoom, Gateway, RunningServer],
+) -> None:
+    """GIVEN a client (gap grace 0.3 s) in a room
+    WHEN two logged events are posted out of order (seq n+2 before n+1), as
+    concurrent Lambdas may post them
+    THEN the client sends no resume, and prints both once, in seq order.
+    """
+    room, _, running = fake_room
+    out = io.StringIO()
+    chat = ChatClient(
+        url=f"{running.ws_url}/ws",
+        session="s1",
+        token="t",
+        out=out,
+        gap_grace=0.3,
+        show_deltas=False,
+    )
+    runner = asyncio.create_task(chat.run())
+    try:
+        await asyncio.wait_for(chat._welcomed.wait(), 5)
+        first = await chat.send("one", 5)
+        await chat.wait_for_agent("unused", 5, seq=first)
+        (cid,) = list(room.members)
+        base = {"type": "message", "user": "u-bob", "name": "Bob", "ts": 5}
+        with room.lock:
+            n = len(room.log)
+            early, late = base | {"seq": n + 1, "id": "b-1", "text": "first"}, base | {
+                "seq": n + 2, "id": "b-2", "text": "second",
+            }  # fmt: skip
+            room.log += [early, late]
+        await asyncio.to_thread(room._post, cid, late)
+        await _until(lambda: chat.last_seq == n + 2)
+        await asyncio.sleep(0.05)
+        await asyncio.to_thread(room._post, cid, early)
+        await _until(lambda: n + 1 in chat.seen)
+        await asyncio.sleep(0.9)  # three graces
+    finally:
+        runner.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await runner
+    assert len(room.resumes) == 1 and chat.gap_fills == 0
+    assert _printed(out) == [1, 2, n + 1, n + 2], out.getvalue()

@@ -12,8 +12,15 @@ network would, then reconnect and resume), ``/quit``, ``/help``. End of input
 quits without ``leave``.
 
 It follows ``docs/protocol.md``: the first frame on each connection is
-``resume`` (with the epoch and the highest ``seq`` seen), events are printed
-once each, in ``seq`` order, and ``part`` frames are reassembled. When the
+``resume`` (with the epoch and the highest ``seq`` it has with none missing
+below), events are printed once each, in ``seq`` order, and ``part`` frames
+are reassembled. Gaps are filled: when an event arrives with a ``seq`` above
+a hole (an event stored but never posted to this connection), the client
+holds it back for a short grace (``gap_grace``, 1.5 s: concurrent posts may
+arrive out of order), then sends ``resume`` with its last contiguous ``seq``
+and prints the replayed events, in order; at most one such ``resume`` per
+grace, one at a time. An ``ack`` whose ``seq`` the client has not seen (a
+resent ``say`` acknowledged as ``duplicate``) is a hole too. When the
 socket drops it reconnects with a backoff and resumes. ``--name`` mints a
 token locally with ``REJOIN_TOKEN_SECRET`` (default: the local stack's key).
 Message text goes to stdout only; nothing is logged.
@@ -140,6 +147,9 @@ class ChatClient:
             message is then not printed again).
         raw: print every frame as JSON instead of readable lines.
         remint: returns a fresh token (when minted locally), tried after a 401/403.
+        gap_grace: seconds a hole below a received ``seq`` may stay open before
+            the client asks for it with ``resume``.
+        gap_fills: how many such ``resume`` frames were sent.
     """
 
     url: str
@@ -149,6 +159,8 @@ class ChatClient:
     show_deltas: bool = True
     raw: bool = False
     remint: Callable[[], str] | None = None
+    gap_grace: float = 1.5
+    gap_fills: int = 0
     epoch: str | None = None
     last_seq: int = 0
     user: str | None = None
@@ -172,6 +184,16 @@ class ChatClient:
     _drop_for: float | None = None
     _changed: asyncio.Condition = field(default_factory=asyncio.Condition)
     _background: set[asyncio.Task[None]] = field(default_factory=set)
+    # Gap filling: every seq <= _floor has been printed (or lies before the
+    # log); _held keeps events above a hole until it is filled.
+    _floor: int = 0
+    _held: dict[int, dict[str, Any]] = field(default_factory=dict)
+    _ack_top: int = 0
+    _backlog_seq: int | None = None  # a welcome's seq while its replay pages come
+    _backlogs: int = 0  # complete backlogs received (welcome and its pages)
+    _gap_task: asyncio.Task[None] | None = None
+    _gap_asked: bool = False
+    _gap_limited: float | None = None
 
     # ---------------------------------------------------------------- output
 
@@ -259,6 +281,8 @@ class ChatClient:
         elif kind == "replay":  # the rest of a backlog too large for one welcome
             for e in sorted(f.get("events") or [], key=lambda e: e.get("seq") or 0):
                 self._event(e)
+            if not f.get("more"):
+                self._backlog_done()
         elif not self._welcomed.is_set() and (kind in LOGGED or kind == "agent_delta"):
             self._early.append(f)  # overtook the welcome: printed after it, in order
             return
@@ -271,6 +295,9 @@ class ChatClient:
                 self._delta(f)
         elif kind == "ack":
             self.acked[str(f.get("id"))] = int(f.get("seq") or 0)
+            # The acknowledged message is logged at this seq: if it never came
+            # as a `message` (a resent say acknowledged as duplicate), it is a hole.
+            self._ack_top = max(self._ack_top, int(f.get("seq") or 0))
             if self.raw:
                 self._line(json.dumps(f))
             else:
@@ -301,10 +328,14 @@ class ChatClient:
                 task = asyncio.create_task(self._resume_later(delay))
                 self._background.add(task)
                 task.add_done_callback(self._background.discard)
+            elif f.get("code") == "rate_limited" and not f.get("id") and self._gap_asked:
+                wait = f.get("retry_after")  # the gap fill's resume: ask again later
+                self._gap_limited = float(wait) if isinstance(wait, (int, float)) else 1.0
         elif "message" in f and "connectionId" in f:
             self._line(f"! gateway: {f['message']}")
         else:
             self._line(f"? {json.dumps(f)[:200]}")
+        self._check_gap()
         async with self._changed:
             self._changed.notify_all()
 
@@ -313,6 +344,8 @@ class ChatClient:
         if fresh:
             self.seen.clear()
             self.last_seq = 0
+            self._held.clear()
+            self._floor = self._ack_top = 0
             self._line(
                 "* the session ended while you were away (its grace period passed): "
                 "this is a fresh session with an empty history"
@@ -325,9 +358,10 @@ class ChatClient:
             self.agent_name = agent["name"]
         self.mode = w.get("mode") or self.mode
         self.welcomes.append(w)
+        refill, self._gap_asked = self._gap_asked and not fresh, False
         if self.raw:
             self._line(json.dumps(w, ensure_ascii=False))
-        else:
+        elif not refill:  # a gap fill's welcome: only its missing events are shown
             people = ", ".join(
                 f"{p.get('name')} ({p.get('status')})" for p in w.get("participants") or []
             )
@@ -344,14 +378,40 @@ class ChatClient:
             self._event(e)
         if isinstance(w.get("seq"), int):
             self.last_seq = max(self.last_seq, w["seq"])
+            self._backlog_seq = w["seq"]
         self._welcomed.set()
+        if not w.get("more"):
+            self._backlog_done()
+
+    def _backlog_done(self) -> None:
+        # The welcome and its pages held every event up to the welcome's seq
+        # (from the log's start when not recovered): nothing below it is missing.
+        if self._backlog_seq is not None:
+            self._floor = max(self._floor, self._backlog_seq)
+        self._backlog_seq = None
+        self._backlogs += 1
+        self._release()
 
     def _event(self, e: dict[str, Any]) -> None:
         seq = e.get("seq")
-        if not isinstance(seq, int) or seq in self.seen:
+        if not isinstance(seq, int) or seq in self.seen or seq in self._held:
             return
-        self.seen.add(seq)
         self.last_seq = max(self.last_seq, seq)
+        self._held[seq] = e
+        self._release()
+
+    def _release(self, force: bool = False) -> None:
+        """Print held events in seq order up to the first hole (past it when ``force``)."""
+        while self._held:
+            low = min(self._held)
+            if low > self._floor + 1 and not force:
+                return
+            self._show(self._held.pop(low))
+            while self._floor + 1 in self.seen:
+                self._floor += 1
+
+    def _show(self, e: dict[str, Any]) -> None:
+        self.seen.add(e["seq"])
         if e.get("type") == "agent_message":
             text = str(e.get("text"))
             self.agent_replies[str(e.get("turn"))] = text
@@ -365,7 +425,61 @@ class ChatClient:
             await self._send({"action": "resume", **self._position()})
 
     def _position(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "last_seq": self.last_seq} if self.epoch else {}
+        # The last contiguous seq: the replay then fills any hole above it.
+        return {"epoch": self.epoch, "last_seq": self._floor} if self.epoch else {}
+
+    # ------------------------------------------------------------- gap fill
+
+    def _top(self) -> int:
+        return max(self.last_seq, self._ack_top)
+
+    def _check_gap(self) -> None:
+        """Start the gap fill when a seq above a hole is known (one at a time)."""
+        if (
+            self._gap_task is not None
+            or not self._welcomed.is_set()
+            or self._backlog_seq is not None
+            or self._top() <= self._floor
+        ):
+            return
+        self._gap_task = asyncio.create_task(self._fill_gaps())
+
+    async def _fill_gaps(self) -> None:
+        try:
+            while self._top() > self._floor:
+                target = self._top()
+                # A grace for out-of-order posts; so at most one resume per grace too.
+                await asyncio.sleep(self.gap_grace)
+                ws = self._ws
+                if self._floor >= target:
+                    continue  # filled by a late post; a newer hole gets its own grace
+                if ws is None or not self._welcomed.is_set() or self._backlog_seq is not None:
+                    return  # reconnecting: that resume asks from the last contiguous seq
+                backlogs = self._backlogs
+                self._gap_asked, self._gap_limited = True, None
+                self.gap_fills += 1
+                if not await self._send({"action": "resume", **self._position()}):
+                    return
+                try:
+                    async with asyncio.timeout(max(5.0, 4 * self.gap_grace)), self._changed:
+                        await self._changed.wait_for(
+                            lambda backlogs=backlogs, ws=ws: (  # type: ignore[misc]
+                                self._backlogs > backlogs
+                                or self._gap_limited is not None
+                                or self._ws is not ws
+                            )
+                        )
+                except TimeoutError:
+                    # No answer: show what is held rather than hide it; a later
+                    # event (or the reconnect's resume) asks again.
+                    self._gap_asked = False
+                    self._release(force=True)
+                    return
+                if self._gap_limited is not None:
+                    self._gap_asked = False
+                    await asyncio.sleep(self._gap_limited)
+        finally:
+            self._gap_task = None
 
     # ------------------------------------------------------------ connection
 
@@ -522,6 +636,9 @@ class ChatClient:
                 except ConnectionClosed:
                     pass
                 self._ws = None
+                # Nothing stays hidden while reconnecting: the resume fills the holes.
+                self._gap_asked, self._backlog_seq = False, None
+                self._release(force=True)
                 async with self._changed:
                     self._changed.notify_all()
                 code = ws.close_code

@@ -1,9 +1,14 @@
 // rejoin's local chat page: the client protocol of docs/protocol.md, no build step.
 //
 // One WebSocket per page. The first frame on every connection is `resume`
-// (with the epoch and the highest seq seen, once there is one); the answer is
-// `welcome`. Logged events are kept by seq (ordered, deduplicated), so a
-// replay after a drop shows exactly the missed events once. A welcome with a
+// (with the epoch and the highest seq seen with none missing below, once
+// there is one); the answer is `welcome`. Logged events are kept by seq
+// (ordered, deduplicated), so a replay after a drop shows exactly the missed
+// events once. Gaps are filled: a seq above a hole (an event logged but never
+// posted here, or an ack naming a message not received) waits a short grace
+// (posts may arrive out of order; ?gap_ms= sets it, default 1500), then
+// `resume` from the last contiguous seq replays the missing events; one at a
+// time, at most one per grace. A welcome with a
 // new epoch means the old session ended while we were away: the page says so
 // and shows the fresh session.
 //
@@ -36,6 +41,10 @@
   const LOGGED = new Set(["message", "presence", "agent_message"]);
   const DEFAULT_MAX_TEXT = 4000; // until the welcome says otherwise (welcome.limits.max_text)
   const AGENT_ID = "\u0000agent"; // the agent's entry in the People list (no user id can be this)
+  const GAP_GRACE_MS = (() => {
+    const ms = Number(params.get("gap_ms"));
+    return ms > 0 ? ms : 1500;
+  })();
 
   const state = {
     session: null,
@@ -46,6 +55,13 @@
     epoch: null,
     lastSeq: 0,
     events: new Map(), // seq -> logged event
+    floor: 0, // every seq up to this one is in events (or before the log's start)
+    ackTop: 0, // the highest seq an ack named (its message may not have come)
+    backlogSeq: null, // a welcome's seq while its replay pages come
+    gapTimer: null, // set while a hole waits its grace
+    gapAsked: false, // a gap-filling resume is waiting for its welcome
+    gapAskedAt: 0,
+    gapFills: 0,
     participants: new Map(), // user -> {user, name, status}
     streams: new Map(), // turn -> Map(index -> text)
     finishedTurns: new Set(),
@@ -349,7 +365,7 @@
     const frame = { action: "resume" };
     if (state.epoch) {
       frame.epoch = state.epoch;
-      frame.last_seq = state.lastSeq;
+      frame.last_seq = state.floor; // the replay fills any hole above it
     }
     sendRaw(frame);
   }
@@ -368,6 +384,10 @@
     state.opened = false;
     state.welcomed = false;
     state.inflight = null; // sent again after the next welcome
+    clearTimeout(state.gapTimer);
+    state.gapTimer = null;
+    state.gapAsked = false;
+    state.backlogSeq = null;
     if (state.left) {
       setStatus("left");
       return;
@@ -472,6 +492,7 @@
       case "agent_message":
         addEvent(frame, true);
         render();
+        checkGap();
         break;
       case "agent_delta":
         onDelta(frame);
@@ -517,6 +538,7 @@
   }
 
   function onWelcome(w) {
+    const refill = state.welcomed; // the answer to a gap-filling resume
     const freshSession = state.epoch !== null && w.epoch !== state.epoch;
     if (freshSession) {
       state.sessionsEnded += 1;
@@ -524,6 +546,8 @@
       state.streams.clear();
       state.finishedTurns.clear();
       state.lastSeq = 0;
+      state.floor = 0;
+      state.ackTop = 0;
       const grace = w.grace_seconds || state.graceSeconds;
       showNotice("ended", state.lastEndReason
         ? "Session ended (" + state.lastEndReason + "). You are now in a fresh session " +
@@ -570,14 +594,49 @@
     state.preWelcome = [];
     for (const frame of early) handleFrame(frame);
     // Messages typed while disconnected (or not yet acknowledged) go out now, in order.
-    state.inflight = null;
+    if (!refill) state.inflight = null;
     pump();
     render();
+    state.backlogSeq = typeof w.seq === "number" ? w.seq : null;
+    if (!w.more) backlogDone();
   }
 
   function onReplay(frame) {
     for (const e of frame.events || []) addEvent(e, false);
     render();
+    if (!frame.more) backlogDone();
+  }
+
+  // The welcome and its pages held every event up to its seq (from the log's
+  // start when not recovered): nothing below it is missing.
+  function backlogDone() {
+    if (state.backlogSeq !== null) state.floor = Math.max(state.floor, state.backlogSeq);
+    state.backlogSeq = null;
+    state.gapAsked = false;
+    advanceFloor();
+    checkGap();
+  }
+
+  function advanceFloor() {
+    while (state.events.has(state.floor + 1)) state.floor += 1;
+  }
+
+  // A seq above a hole: wait the grace (a late post may fill it), then ask
+  // for the rest with resume from the last contiguous seq.
+  function checkGap() {
+    if (state.gapTimer || !state.welcomed || state.backlogSeq !== null) return;
+    if (state.gapAsked && Date.now() - state.gapAskedAt < Math.max(5000, 4 * GAP_GRACE_MS)) return;
+    const target = Math.max(state.lastSeq, state.ackTop);
+    if (target <= state.floor) return;
+    state.gapTimer = setTimeout(() => {
+      state.gapTimer = null;
+      if (state.floor >= target) { checkGap(); return; } // filled; a newer hole waits its own grace
+      if (!state.welcomed || state.backlogSeq !== null) return;
+      state.gapAsked = true;
+      state.gapAskedAt = Date.now();
+      state.gapFills += 1;
+      sendResume();
+    }, GAP_GRACE_MS);
   }
 
   function addEvent(e, live) {
@@ -585,6 +644,7 @@
     if (state.events.has(e.seq)) return; // each seq once
     state.events.set(e.seq, e);
     state.lastSeq = Math.max(state.lastSeq, e.seq);
+    advanceFloor();
     if (e.type === "message") {
       if (e.user === state.user) state.pending.delete(e.id);
       if (live && !state.participants.has(e.user)) {
@@ -612,6 +672,9 @@
   }
 
   function onAck(a) {
+    // A resent say acknowledged as duplicate may name a message never posted here.
+    if (typeof a.seq === "number") state.ackTop = Math.max(state.ackTop, a.seq);
+    checkGap();
     const say = state.pending.get(a.id);
     if (a.id === state.inflight) state.inflight = null;
     if (say) {
@@ -646,6 +709,11 @@
         state.pauseTimer = setTimeout(() => { state.pauseTimer = null; pump(); }, wait * 1000);
       } else if (!state.welcomed) {
         setTimeout(() => { if (state.ws && state.opened && !state.welcomed) sendResume(); }, wait * 1000);
+      } else if (state.gapAsked) {
+        // The gap fill's resume was refused: ask again once the limit allows.
+        state.gapAsked = false;
+        clearTimeout(state.gapTimer);
+        state.gapTimer = setTimeout(() => { state.gapTimer = null; checkGap(); }, wait * 1000);
       }
     } else if (code === "not_joined") {
       if (frame.id === state.inflight) state.inflight = null;
@@ -998,6 +1066,8 @@
       name: state.name,
       epoch: state.epoch,
       lastSeq: state.lastSeq,
+      floor: state.floor,
+      gapFills: state.gapFills,
       connected: !!state.ws && state.welcomed,
       events: seqs.map((seq) => {
         const e = state.events.get(seq);
