@@ -30,6 +30,8 @@ from upstash_redis import Redis as UpstashSync
 from upstash_redis.asyncio import Redis as UpstashAsync
 
 from rejoin import redis_client, upstash_client
+from rejoin_local.openai_stub import OpenAIStub, RunningStub
+from rejoin_local.openai_stub import serve as serve_openai_stub
 from rejoin_local.redis_proxy import RespProxy
 from rejoin_local.redis_server import PrivateRedis, PrivateRedisCluster, RedisStartError
 from rejoin_local.upstash_rest import Faults, Stats, create_app, serve
@@ -175,6 +177,22 @@ def _flush_owned_redis(request: pytest.FixtureRequest) -> Iterator[None]:
 # --- the store on each transport ---------------------------------------------
 
 STORES = ("upstash", "tcp", "cluster")
+
+
+@pytest.fixture(scope="module")
+def openai_server() -> Iterator[RunningStub]:
+    """The local OpenAI-compatible server (Responses, Chat Completions, compaction)."""
+    with serve_openai_stub() as running:
+        yield running
+
+
+@pytest.fixture
+def openai_stub(openai_server: RunningStub) -> Iterator[OpenAIStub]:
+    """The server's scripted replies and recorded requests, fresh for each test."""
+    openai_server.stub.reset()
+    yield openai_server.stub
+    openai_server.stub.release()  # a hang a failing test left behind
+    openai_server.stub.reset()
 
 
 @pytest.fixture(scope="session")

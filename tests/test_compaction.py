@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -37,7 +36,7 @@ from rejoin.compaction import (
 from rejoin.errors import CompactionError
 from rejoin.history import WindowedSession, estimate_tokens
 from rejoin.models import OFFLINE_LABEL, OfflineModel
-from rejoin_local.openai_stub import OpenAIStub, Reply, RunningStub, serve
+from rejoin_local.openai_stub import OpenAIStub, Reply, RunningStub
 
 NAMES = ["Ada", "Bob", "Cy"]
 
@@ -220,32 +219,19 @@ async def test_a_long_answer_is_cut_and_no_answer_is_an_error() -> None:
         await ModelSummariser(script([RuntimeError("model down")])).summarise([said(1)])
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[RunningStub]:
-    with serve() as running:
-        yield running
-
-
-@pytest.fixture
-def stub(server: RunningStub) -> Iterator[OpenAIStub]:
-    server.stub.reset()
-    yield server.stub
-    server.stub.reset()
-
-
 @pytest.mark.parametrize("kind", ["responses", "chat"])
 async def test_the_sdk_model_classes_summarise_through_the_stub(
-    server: RunningStub, stub: OpenAIStub, kind: str
+    openai_server: RunningStub, openai_stub: OpenAIStub, kind: str
 ) -> None:
     # GIVEN the agent's real model class on the stub (default replies)
-    client = AsyncOpenAI(api_key="x", base_url=server.base_url, max_retries=0)
+    client = AsyncOpenAI(api_key="x", base_url=openai_server.base_url, max_retries=0)
     model_class = OpenAIResponsesModel if kind == "responses" else OpenAIChatCompletionsModel
     summariser = ModelSummariser(model_class(model="m", openai_client=client))
     # WHEN it summarises a meeting with tool rounds
     summary = await summariser.summarise(meeting(10))
     # THEN the stub answered the summary request, and was sent no tool items, only text
     assert summary.text.startswith("Summary of 16 lines. Speakers: Bob, Cy, Ada.")
-    (request,) = stub.model_requests()
+    (request,) = openai_stub.model_requests()
     assert request.status == 200
     assert all(json.dumps(item).count("function_call") == 0 for item in request.items)
 
@@ -382,38 +368,38 @@ def test_the_model_window_keeps_the_summary_in_front() -> None:
 
 
 async def test_a_compacted_session_runs_with_the_stub(
-    server: RunningStub, stub: OpenAIStub, session: UpstashSession
+    openai_server: RunningStub, openai_stub: OpenAIStub, session: UpstashSession
 ) -> None:
     # GIVEN a compacted meeting
     await session.add_items(meeting(25))
     await compact(session, ModelSummariser(OfflineModel(delay=0)), SMALL)
     # WHEN the agent (Chat Completions on the stub) answers from the model window
-    client = AsyncOpenAI(api_key="x", base_url=server.base_url, max_retries=0)
+    client = AsyncOpenAI(api_key="x", base_url=openai_server.base_url, max_retries=0)
     agent = Agent(name="a", model=OpenAIChatCompletionsModel(model="m", openai_client=client))
     window = model_window(await session.get_items(), limit=8)
     result = await Runner.run(agent, [*window, said(26, "Ada", "what did we decide?")])
     # THEN the request was accepted, starting with the summary
     assert result.final_output.startswith("Ada said: what did we decide?")
-    (request,) = stub.model_requests()
+    (request,) = openai_stub.model_requests()
     assert request.status == 200
     assert "summary" in json.loads(request.items[0]["content"])
 
 
 async def test_the_sdk_compaction_session_stores_through_atomic_replace(
-    server: RunningStub, stub: OpenAIStub, session: UpstashSession
+    openai_server: RunningStub, openai_stub: OpenAIStub, session: UpstashSession
 ) -> None:
     # GIVEN the SDK's compaction session over the store, compacting past 4 items
-    client = AsyncOpenAI(api_key="x", base_url=server.base_url, max_retries=0)
+    client = AsyncOpenAI(api_key="x", base_url=openai_server.base_url, max_retries=0)
     policy = CompactionPolicy(max_items=4, max_tokens=None, keep_items=1, keep_tokens=None)
     compacting = sdk_compaction_session(session, model="gpt-4.1", policy=policy, client=client)
     agent = Agent(name="a", model=OpenAIResponsesModel(model="gpt-4.1", openai_client=client))
-    stub.queue(Reply.message("one"), Reply.message("two"), Reply.message("three"))
+    openai_stub.queue(Reply.message("one"), Reply.message("two"), Reply.message("three"))
     # WHEN three runs go through it
     for text in ("first", "second", "third"):
         await Runner.run(agent, text, session=compacting)
     # THEN responses.compact was called and its output replaced the stored history:
     # every user message kept, the rest folded into one compaction item
-    assert "compact" in [r.api for r in stub.requests]
+    assert "compact" in [r.api for r in openai_stub.requests]
     stored = await session.get_items()
     assert [i.get("type") for i in stored if i.get("role") != "user"] == ["compaction"]
     users = [i for i in stored if i.get("role") == "user"]

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +26,7 @@ from openai.types.responses import ResponseFunctionToolCall
 
 from rejoin import UpstashSession
 from rejoin.history import WindowedSession, estimate_tokens, safe_start, safe_window
-from rejoin_local.openai_stub import OpenAIStub, Reply, RunningStub, serve
+from rejoin_local.openai_stub import OpenAIStub, Reply, RunningStub
 
 # --------------------------------------------------------------------------- #
 # Random histories, with the pairs they were built with
@@ -295,19 +294,6 @@ def _no_tracing() -> None:
     set_tracing_disabled(True)
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[RunningStub]:
-    with serve() as running:
-        yield running
-
-
-@pytest.fixture
-def stub(server: RunningStub) -> Iterator[OpenAIStub]:
-    server.stub.reset()
-    yield server.stub
-    server.stub.reset()
-
-
 @function_tool
 def lookup(city: str) -> str:
     """Look up the weather of a city."""
@@ -315,14 +301,14 @@ def lookup(city: str) -> str:
 
 
 async def stored_conversation(
-    server: RunningStub, stub: OpenAIStub, redis: Any
+    openai_server: RunningStub, openai_stub: OpenAIStub, redis: Any
 ) -> tuple[Agent[Any], str, list[Any]]:
     """A session holding: user, reasoning, call, output, reasoning, answer (from a real run)."""
-    client = AsyncOpenAI(api_key="x", base_url=server.base_url, max_retries=0)
+    client = AsyncOpenAI(api_key="x", base_url=openai_server.base_url, max_retries=0)
     agent = Agent(name="a", model=OpenAIResponsesModel(model="m", openai_client=client))
     agent.tools = [lookup]
     session_id = f"hist-{uuid.uuid4().hex[:8]}"
-    stub.queue(
+    openai_stub.queue(
         Reply.tool_call("lookup", {"city": "Oslo"}, reasoning="I need the weather."),
         Reply.message("Sunny in Oslo.", reasoning="Now answer."),
     )
@@ -346,10 +332,14 @@ async def stored_conversation(
     ids=["limit 1: the answer without its reasoning", "limit 4: the call without its reasoning"],
 )
 async def test_the_sdk_limit_cuts_reasoning_off_and_the_api_refuses_the_safe_window_does_not(
-    server: RunningStub, stub: OpenAIStub, upstash_async: Any, limit: int, window: list[str]
+    openai_server: RunningStub,
+    openai_stub: OpenAIStub,
+    upstash_async: Any,
+    limit: int,
+    window: list[str],
 ) -> None:
     # GIVEN a stored conversation with reasoning before a tool call and before the answer
-    agent, session_id, _ = await stored_conversation(server, stub, upstash_async)
+    agent, session_id, _ = await stored_conversation(openai_server, openai_stub, upstash_async)
     limited = UpstashSession(session_id, redis=upstash_async, session_settings={"limit": limit})
     # WHEN the SDK's own session limit cuts between a reasoning item and its item
     # THEN the model API refuses the request (the stub answers as the real API does)
@@ -357,32 +347,32 @@ async def test_the_sdk_limit_cuts_reasoning_off_and_the_api_refuses_the_safe_win
         await Runner.run(agent, "And tomorrow?", session=limited)
     await UpstashSession(session_id, redis=upstash_async).pop_item()  # the SDK stored the input
     # WHEN the same limit goes through the safe window instead
-    stub.queue("Probably sunny too.")
+    openai_stub.queue("Probably sunny too.")
     windowed = WindowedSession(UpstashSession(session_id, redis=upstash_async), limit=limit)
     result = await Runner.run(agent, "And tomorrow?", session=windowed)
     # THEN the run succeeds: the model saw whole groups only (fewer items), writes went through
     assert result.final_output == "Probably sunny too."
-    sent = stub.model_requests()[-1]
+    sent = openai_stub.model_requests()[-1]
     assert sent.status == 200
     assert [i.get("type", "message") for i in sent.items] == [*window, "message"]
     assert len(await UpstashSession(session_id, redis=upstash_async).get_items()) == 8
 
 
 async def test_history_passed_as_input_needs_the_safe_window(
-    server: RunningStub, stub: OpenAIStub, upstash_async: Any
+    openai_server: RunningStub, openai_stub: OpenAIStub, upstash_async: Any
 ) -> None:
     # GIVEN the stored conversation, read whole (as a turn does at its start)
-    agent, _, items = await stored_conversation(server, stub, upstash_async)
+    agent, _, items = await stored_conversation(openai_server, openai_stub, upstash_async)
     question = {"role": "user", "content": "And tomorrow?"}
     # WHEN the latest three items are sent as the input, the output's call is cut off
     # THEN the API refuses it
     with pytest.raises(openai.BadRequestError, match="No tool call found for function call"):
         await Runner.run(agent, [*items[-3:], question])
     # AND the safe window of three does not break the pair
-    stub.queue("Yes.")
+    openai_stub.queue("Yes.")
     result = await Runner.run(agent, [*safe_window(items, limit=3), question])
     assert result.final_output == "Yes."
-    assert stub.model_requests()[-1].items[:2] == safe_window(items, limit=3)
+    assert openai_stub.model_requests()[-1].items[:2] == safe_window(items, limit=3)
 
 
 async def test_windowed_session_combines_its_limit_with_the_runners(upstash_async: Any) -> None:

@@ -20,7 +20,6 @@ import subprocess
 import sys
 import time
 import typing
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -62,23 +61,9 @@ def _no_tracing() -> None:
     set_tracing_disabled(True)
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[RunningStub]:
-    with serve() as running:
-        yield running
-
-
-@pytest.fixture
-def stub(server: RunningStub) -> Iterator[OpenAIStub]:
-    server.stub.reset()
-    yield server.stub
-    server.stub.release()  # a hang a failing test left behind
-    server.stub.reset()
-
-
-def client(server: RunningStub, **options: Any) -> AsyncOpenAI:
+def client(openai_server: RunningStub, **options: Any) -> AsyncOpenAI:
     options.setdefault("max_retries", 0)
-    return AsyncOpenAI(api_key="test-key", base_url=server.base_url, **options)
+    return AsyncOpenAI(api_key="test-key", base_url=openai_server.base_url, **options)
 
 
 def sse(lines: list[str]) -> list[tuple[str | None, str]]:
@@ -95,11 +80,11 @@ def sse(lines: list[str]) -> list[tuple[str | None, str]]:
 
 
 def post_stream(
-    server: RunningStub, path: str, body: dict[str, Any]
+    openai_server: RunningStub, path: str, body: dict[str, Any]
 ) -> list[tuple[str | None, str]]:
     with httpx.stream(
         "POST",
-        server.base_url + path,
+        openai_server.base_url + path,
         json=body,
         headers={"Authorization": "Bearer k"},
         timeout=10,
@@ -127,10 +112,14 @@ class Recorder:
         self.tool = function_tool(lookup)
 
 
-def model_for(kind: str, server: RunningStub, **options: Any) -> Any:
+def model_for(kind: str, openai_server: RunningStub, **options: Any) -> Any:
     if kind == "responses":
-        return OpenAIResponsesModel(model="stub-model", openai_client=client(server, **options))
-    return OpenAIChatCompletionsModel(model="stub-model", openai_client=client(server, **options))
+        return OpenAIResponsesModel(
+            model="stub-model", openai_client=client(openai_server, **options)
+        )
+    return OpenAIChatCompletionsModel(
+        model="stub-model", openai_client=client(openai_server, **options)
+    )
 
 
 # --------------------------------------------------------------------------- #
@@ -146,12 +135,12 @@ REPLIES = {
 
 @pytest.mark.parametrize("reply", REPLIES.values(), ids=REPLIES.keys())
 def test_responses_stream_events_validate_and_come_in_order(
-    server: RunningStub, stub: OpenAIStub, reply: Reply
+    openai_server: RunningStub, openai_stub: OpenAIStub, reply: Reply
 ) -> None:
     # GIVEN a scripted reply
-    stub.queue(reply)
+    openai_stub.queue(reply)
     # WHEN a streamed response is read raw
-    events = post_stream(server, "/responses", {"model": "m", "input": "hi", "stream": True})
+    events = post_stream(openai_server, "/responses", {"model": "m", "input": "hi", "stream": True})
     # THEN every event is a valid Responses stream event, named by its type, numbered 0..n
     parsed = [stream_event(data) for _, data in events]
     assert [name for name, _ in events] == [event.type for event in parsed]
@@ -167,10 +156,10 @@ def test_responses_stream_events_validate_and_come_in_order(
 
 @pytest.mark.parametrize("reply", REPLIES.values(), ids=REPLIES.keys())
 def test_chat_stream_chunks_validate_and_end_with_done(
-    server: RunningStub, stub: OpenAIStub, reply: Reply
+    openai_server: RunningStub, openai_stub: OpenAIStub, reply: Reply
 ) -> None:
     # GIVEN a scripted reply and a stream that asks for usage
-    stub.queue(reply)
+    openai_stub.queue(reply)
     body = {
         "model": "m",
         "messages": [{"role": "user", "content": "hi"}],
@@ -178,7 +167,7 @@ def test_chat_stream_chunks_validate_and_end_with_done(
         "stream_options": {"include_usage": True},
     }
     # WHEN it is read raw
-    events = post_stream(server, "/chat/completions", body)
+    events = post_stream(openai_server, "/chat/completions", body)
     # THEN every chunk is a valid ChatCompletionChunk, then [DONE]; usage comes last
     assert events[-1] == (None, "[DONE]")
     chunks = [ChatCompletionChunk.model_validate(json.loads(d)) for _, d in events[:-1]]
@@ -188,15 +177,15 @@ def test_chat_stream_chunks_validate_and_end_with_done(
     assert all(f is None for f in finish[:-1])
 
 
-def test_unstreamed_answers_validate(server: RunningStub, stub: OpenAIStub) -> None:
-    stub.queue(REPLIES["reasoning and a call"], REPLIES["two calls"])
+def test_unstreamed_answers_validate(openai_server: RunningStub, openai_stub: OpenAIStub) -> None:
+    openai_stub.queue(REPLIES["reasoning and a call"], REPLIES["two calls"])
     headers = {"Authorization": "Bearer k"}
     # WHEN a response and a chat completion are asked for without streaming
     response = httpx.post(
-        server.base_url + "/responses", json={"model": "m", "input": "x"}, headers=headers
+        openai_server.base_url + "/responses", json={"model": "m", "input": "x"}, headers=headers
     )
     chat = httpx.post(
-        server.base_url + "/chat/completions",
+        openai_server.base_url + "/chat/completions",
         json={"model": "m", "messages": [{"role": "user", "content": "x"}]},
         headers=headers,
     )
@@ -217,12 +206,14 @@ def test_unstreamed_answers_validate(server: RunningStub, stub: OpenAIStub) -> N
 @pytest.mark.parametrize("kind", ["responses", "chat"])
 @pytest.mark.parametrize("streamed", [False, True], ids=["run", "run_streamed"])
 async def test_runner_tool_round_trip(
-    server: RunningStub, stub: OpenAIStub, kind: str, streamed: bool
+    openai_server: RunningStub, openai_stub: OpenAIStub, kind: str, streamed: bool
 ) -> None:
     # GIVEN the SDK's real model class on the stub, scripted: a tool call, then an answer
     recorder = Recorder()
-    stub.queue(Reply.tool_call("lookup", {"city": "Paris"}), Reply.message("It is sunny in Paris."))
-    agent = Agent(name="a", instructions="Be brief.", model=model_for(kind, server))
+    openai_stub.queue(
+        Reply.tool_call("lookup", {"city": "Paris"}), Reply.message("It is sunny in Paris.")
+    )
+    agent = Agent(name="a", instructions="Be brief.", model=model_for(kind, openai_server))
     agent.tools = [recorder.tool]
     # WHEN the Runner runs it
     deltas: list[str] = []
@@ -241,7 +232,7 @@ async def test_runner_tool_round_trip(
     if streamed:
         assert len(deltas) > 1 and "".join(deltas) == "It is sunny in Paris."
     # AND the second request carried the call and its output, paired
-    first, second = stub.model_requests()
+    first, second = openai_stub.model_requests()
     assert first.stream is streamed and first.status == second.status == 200
     if kind == "responses":
         assert first.instructions == "Be brief."
@@ -262,11 +253,11 @@ async def test_runner_tool_round_trip(
 
 
 async def test_default_replies_echo_the_speaker_call_a_named_tool_and_report_it(
-    server: RunningStub, stub: OpenAIStub
+    openai_server: RunningStub, openai_stub: OpenAIStub
 ) -> None:
     # GIVEN nothing scripted, and a participant's message as rejoin stores it
     recorder = Recorder()
-    agent = Agent(name="a", model=model_for("responses", server), tools=[recorder.tool])
+    agent = Agent(name="a", model=model_for("responses", openai_server), tools=[recorder.tool])
     said = {"speaker": {"user": "u-ada", "name": "Ada"}, "seq": 3, "text": "hello\nBob: hi"}
     # WHEN she speaks, then asks for the tool by name
     echo = await Runner.run(agent, [{"role": "user", "content": json.dumps(said)}])
@@ -284,64 +275,64 @@ async def test_default_replies_echo_the_speaker_call_a_named_tool_and_report_it(
 
 
 async def test_429_is_a_rate_limit_error_with_retry_after(
-    server: RunningStub, stub: OpenAIStub
+    openai_server: RunningStub, openai_stub: OpenAIStub
 ) -> None:
-    stub.queue(Reply.rate_limited(retry_after=7), "never sent")
+    openai_stub.queue(Reply.rate_limited(retry_after=7), "never sent")
     with pytest.raises(openai.RateLimitError) as caught:
-        await client(server).responses.create(model="m", input="hi")
+        await client(openai_server).responses.create(model="m", input="hi")
     assert caught.value.status_code == 429
     assert caught.value.response.headers["retry-after"] == "7"
     assert caught.value.code == "rate_limit_exceeded"
     # the fault took its turn; the scripted answer is still queued
-    assert stub.pending == 1
+    assert openai_stub.pending == 1
 
 
 async def test_the_client_retries_a_429_after_retry_after_then_succeeds(
-    server: RunningStub, stub: OpenAIStub
+    openai_server: RunningStub, openai_stub: OpenAIStub
 ) -> None:
     # GIVEN a 429 asking to wait 50 ms, then an answer; the client's default retries
-    stub.queue(Reply.rate_limited(retry_after=0.05), "finally")
-    agent = Agent(name="a", model=model_for("responses", server, max_retries=2))
+    openai_stub.queue(Reply.rate_limited(retry_after=0.05), "finally")
+    agent = Agent(name="a", model=model_for("responses", openai_server, max_retries=2))
     # WHEN the Runner runs
     result = await Runner.run(agent, "hi")
     # THEN the client retried by itself: one answer, two requests
     assert result.final_output == "finally"
-    assert [r.status for r in stub.model_requests()] == [429, 200]
+    assert [r.status for r in openai_stub.model_requests()] == [429, 200]
 
 
 @pytest.mark.parametrize("kind", ["responses", "chat"])
 async def test_500_is_an_internal_server_error(
-    server: RunningStub, stub: OpenAIStub, kind: str
+    openai_server: RunningStub, openai_stub: OpenAIStub, kind: str
 ) -> None:
-    stub.queue(Reply.server_error())
-    agent = Agent(name="a", model=model_for(kind, server))
+    openai_stub.queue(Reply.server_error())
+    agent = Agent(name="a", model=model_for(kind, openai_server))
     with pytest.raises(openai.InternalServerError) as caught:
         await Runner.run(agent, "hi")
     assert caught.value.status_code == 500
-    assert [r.status for r in stub.model_requests()] == [500]
+    assert [r.status for r in openai_stub.model_requests()] == [500]
 
 
 async def test_a_hang_past_the_client_timeout_is_a_timeout(
-    server: RunningStub, stub: OpenAIStub
+    openai_server: RunningStub, openai_stub: OpenAIStub
 ) -> None:
     # GIVEN a model that does not answer, and a client that waits 0.3 s
-    stub.queue(Reply.hang(), "answer after the hang")
-    agent = Agent(name="a", model=model_for("chat", server, timeout=0.3))
+    openai_stub.queue(Reply.hang(), "answer after the hang")
+    agent = Agent(name="a", model=model_for("chat", openai_server, timeout=0.3))
     # WHEN the Runner runs, THEN the client gives up with a timeout
     with pytest.raises(openai.APITimeoutError):
         await Runner.run(agent, "hi")
     # AND once released, the next request is answered normally
-    stub.release()
+    openai_stub.release()
     assert (await Runner.run(agent, "again")).final_output == "answer after the hang"
 
 
 @pytest.mark.parametrize("kind", ["responses", "chat"])
 async def test_a_stream_cut_midway_fails_the_run_after_some_deltas(
-    server: RunningStub, stub: OpenAIStub, kind: str
+    openai_server: RunningStub, openai_stub: OpenAIStub, kind: str
 ) -> None:
     # GIVEN a stream that stops after two of six words, with the client's retries on
-    stub.queue(Reply.cut("one two three four five six", after_deltas=2))
-    agent = Agent(name="a", model=model_for(kind, server, max_retries=2))
+    openai_stub.queue(Reply.cut("one two three four five six", after_deltas=2))
+    agent = Agent(name="a", model=model_for(kind, openai_server, max_retries=2))
     result = Runner.run_streamed(agent, "count")
     deltas: list[str] = []
     # WHEN it is consumed, THEN it fails with a connection error, not retried
@@ -352,7 +343,7 @@ async def test_a_stream_cut_midway_fails_the_run_after_some_deltas(
             ):
                 deltas.append(event.data.delta)
     assert "".join(deltas) == "one two "
-    assert len(stub.model_requests()) == 1
+    assert len(openai_stub.model_requests()) == 1
 
 
 # --------------------------------------------------------------------------- #
@@ -374,11 +365,11 @@ USER = {"role": "user", "content": "hi"}
     ids=["call without output", "output without call", "output before call"],
 )
 async def test_a_broken_pair_is_refused_like_the_real_api(
-    server: RunningStub, stub: OpenAIStub, items: list[Any], message: str
+    openai_server: RunningStub, openai_stub: OpenAIStub, items: list[Any], message: str
 ) -> None:
-    stub.queue("not used")
+    openai_stub.queue("not used")
     with pytest.raises(openai.BadRequestError) as caught:
-        await client(server).responses.create(model="m", input=items)
+        await client(openai_server).responses.create(model="m", input=items)
     assert caught.value.message.endswith(message)
     assert caught.value.body == {
         "message": message,
@@ -387,9 +378,9 @@ async def test_a_broken_pair_is_refused_like_the_real_api(
         "code": None,
     }
     # the request is recorded with its error, and the scripted reply not consumed
-    (recorded,) = stub.requests
+    (recorded,) = openai_stub.requests
     assert (recorded.status, recorded.error) == (400, message)
-    assert stub.pending == 1
+    assert openai_stub.pending == 1
 
 
 @pytest.mark.parametrize(
@@ -416,21 +407,21 @@ async def test_a_broken_pair_is_refused_like_the_real_api(
     ids=["tool_calls without tool message", "tool message without call"],
 )
 async def test_chat_refuses_unpaired_tool_messages(
-    server: RunningStub, stub: OpenAIStub, messages: list[Any], message: str
+    openai_server: RunningStub, openai_stub: OpenAIStub, messages: list[Any], message: str
 ) -> None:
     with pytest.raises(openai.BadRequestError, match=message):
-        await client(server).chat.completions.create(model="m", messages=messages)
+        await client(openai_server).chat.completions.create(model="m", messages=messages)
 
 
 async def test_a_reasoning_item_cut_from_its_call_is_refused(
-    server: RunningStub, stub: OpenAIStub
+    openai_server: RunningStub, openai_stub: OpenAIStub
 ) -> None:
     # GIVEN a response the stub gave: reasoning, then a call
-    stub.queue(Reply.tool_call("lookup", {"city": "Oslo"}, call_id="c9", reasoning="think"))
-    answer = await client(server).responses.create(model="m", input="weather?")
+    openai_stub.queue(Reply.tool_call("lookup", {"city": "Oslo"}, call_id="c9", reasoning="think"))
+    answer = await client(openai_server).responses.create(model="m", input="weather?")
     rs, fc = (item.model_dump(exclude_none=True) for item in answer.output)
     output = {"type": "function_call_output", "call_id": "c9", "output": "sunny"}
-    api = client(server).responses
+    api = client(openai_server).responses
     # WHEN the call is sent back without its reasoning, or the reasoning without the call
     with pytest.raises(openai.BadRequestError) as without_reasoning:
         await api.create(model="m", input=[USER, fc, output])
@@ -447,9 +438,13 @@ async def test_a_reasoning_item_cut_from_its_call_is_refused(
     await api.create(model="m", input=[USER, rs, fc, output])
 
 
-async def test_server_side_state_is_refused_clearly(server: RunningStub, stub: OpenAIStub) -> None:
+async def test_server_side_state_is_refused_clearly(
+    openai_server: RunningStub, openai_stub: OpenAIStub
+) -> None:
     with pytest.raises(openai.BadRequestError, match="does not support 'previous_response_id'"):
-        await client(server).responses.create(model="m", input="hi", previous_response_id="r1")
+        await client(openai_server).responses.create(
+            model="m", input="hi", previous_response_id="r1"
+        )
 
 
 async def test_a_wrong_key_is_refused_when_a_key_is_required() -> None:
@@ -461,7 +456,7 @@ async def test_a_wrong_key_is_refused_when_a_key_is_required() -> None:
 
 
 async def test_compact_keeps_user_messages_and_folds_the_rest(
-    server: RunningStub, stub: OpenAIStub
+    openai_server: RunningStub, openai_stub: OpenAIStub
 ) -> None:
     items = [
         USER,
@@ -470,11 +465,11 @@ async def test_compact_keeps_user_messages_and_folds_the_rest(
         {"role": "assistant", "content": "done"},
         {"role": "user", "content": "more"},
     ]
-    compacted = await client(server).responses.compact(model="gpt-4.1", input=items)  # type: ignore[arg-type]
+    compacted = await client(openai_server).responses.compact(model="gpt-4.1", input=items)  # type: ignore[arg-type]
     assert isinstance(compacted, CompactedResponse)
     kinds = [(item.type, getattr(item, "role", None)) for item in compacted.output]
     assert kinds == [("message", "user"), ("message", "user"), ("compaction", None)]
-    assert stub.requests[-1].api == "compact"
+    assert openai_stub.requests[-1].api == "compact"
 
 
 # --------------------------------------------------------------------------- #

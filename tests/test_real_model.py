@@ -22,24 +22,19 @@ from harness import Stack, make_stack
 from rejoin.runtime import set_runtime
 from rejoin.speakers import parse_spoken
 from rejoin.turns import build_agent
-from rejoin_local.openai_stub import OpenAIStub, Reply, serve
+from rejoin_local.openai_stub import OpenAIStub, Reply, RunningStub
 
 APIS = ["responses", "chat_completions"]
 
 
-@pytest.fixture(scope="module")
-def stub() -> Iterator[Any]:
-    with serve() as running:
-        yield running
-
-
 @pytest.fixture(params=APIS)
-def stack(request: pytest.FixtureRequest, upstash: Any, stub: Any) -> Iterator[Stack]:
-    stub.stub.reset()
+def stack(
+    request: pytest.FixtureRequest, upstash: Any, openai_server: RunningStub, openai_stub: Any
+) -> Iterator[Stack]:
     s = make_stack(
         upstash,
         openai_api_key="sk-test",
-        openai_base_url=stub.base_url,
+        openai_base_url=openai_server.base_url,
         model="gpt-test",
         model_api=request.param,
         model_timeout_seconds=1,
@@ -47,7 +42,6 @@ def stack(request: pytest.FixtureRequest, upstash: Any, stub: Any) -> Iterator[S
     )
     s.agent = build_agent(s.rt)
     yield s
-    stub.stub.release()
     set_runtime(None)
 
 
@@ -60,9 +54,9 @@ def kinds(items: list[dict[str, Any]]) -> list[str]:
 
 
 def test_a_streamed_answer_reaches_everyone_as_deltas_then_one_message(
-    stack: Stack, stub: Any, raw_redis: redis.Redis
+    stack: Stack, openai_stub: OpenAIStub, raw_redis: redis.Redis
 ) -> None:
-    stub.stub.queue(Reply.message("We decided to ship on Friday, after the review."))
+    openai_stub.queue(Reply.message("We decided to ship on Friday, after the review."))
     ada, _ = stack.join("rm", "ada")
     bob, _ = stack.join("rm", "bob")
     stack.say(ada, "what did we decide?")
@@ -74,15 +68,15 @@ def test_a_streamed_answer_reaches_everyone_as_deltas_then_one_message(
         assert final["text"] == "We decided to ship on Friday, after the review."
         assert [d["index"] for d in deltas] == list(range(len(deltas)))
     # the model got the message as the speaker's own item, over the real protocol
-    (request,) = stub.stub.model_requests()
+    (request,) = openai_stub.model_requests()
     assert request.stream is True
     assert kinds(history(raw_redis, "rm")) == ["message:user", "message"]
 
 
 def test_a_tool_call_round_trip_is_stored_whole(
-    stack: Stack, stub: Any, raw_redis: redis.Redis
+    stack: Stack, openai_stub: OpenAIStub, raw_redis: redis.Redis
 ) -> None:
-    stub.stub.queue(
+    openai_stub.queue(
         Reply.tool_call("current_time", {}, call_id="call_clock"),
         Reply.message("It is noon."),
     )
@@ -94,7 +88,7 @@ def test_a_tool_call_round_trip_is_stored_whole(
     assert kinds(items) == ["message:user", "function_call", "function_call_output", "message"]
     assert items[1]["call_id"] == items[2]["call_id"] == "call_clock"
     # the second request carried the call and its output (the server checks the pairing)
-    second = stub.stub.model_requests()[1]
+    second = openai_stub.model_requests()[1]
     assert second.status == 200
 
 
@@ -109,10 +103,10 @@ def test_a_tool_call_round_trip_is_stored_whole(
     ids=["429", "500", "timeout", "stream-cut"],
 )
 def test_a_failed_model_call_rolls_back_tells_everyone_and_the_retry_answers_once(
-    stack: Stack, stub: Any, raw_redis: redis.Redis, fault: Reply
+    stack: Stack, openai_stub: OpenAIStub, raw_redis: redis.Redis, fault: Reply
 ) -> None:
     # GIVEN a tool round that succeeds, then the model failing on the answer
-    stub.stub.queue(Reply.tool_call("current_time", {}, call_id="call_1"), fault)
+    openai_stub.queue(Reply.tool_call("current_time", {}, call_id="call_1"), fault)
     ada, _ = stack.join("rf", "ada")
     bob, _ = stack.join("rf", "bob")
     stack.say(ada, "what time is it?")
@@ -126,9 +120,9 @@ def test_a_failed_model_call_rolls_back_tells_everyone_and_the_retry_answers_onc
         (error,) = stack.frames(cid, "error")
         assert error["code"] == "turn_failed" and error["reply_to"] == batch[0].reply_to
         assert stack.frames(cid, "agent_message") == []
-    stub.stub.release()
+    openai_stub.release()
     # WHEN SQS redelivers it and the model answers
-    stub.stub.queue(Reply.tool_call("current_time", {}, call_id="call_2"), "It is noon.")
+    openai_stub.queue(Reply.tool_call("current_time", {}, call_id="call_2"), "It is noon.")
     assert stack.deliver(batch)["batchItemFailures"] == []
     # THEN one answer, one history
     for cid in (ada, bob):
@@ -139,15 +133,21 @@ def test_a_failed_model_call_rolls_back_tells_everyone_and_the_retry_answers_onc
     assert [s.text for s in said if s] == ["what time is it?"]
 
 
-def test_the_local_stack_can_point_at_an_openai_compatible_server(stub: Any) -> None:
+def test_the_local_stack_can_point_at_an_openai_compatible_server(
+    openai_server: RunningStub,
+) -> None:
     # What `OPENAI_API_KEY=x OPENAI_BASE_URL=http://127.0.0.1:N/v1 make dev` builds.
     from rejoin.config import Settings
     from rejoin.runtime import Runtime
 
     settings = Settings.from_env(
-        {"OPENAI_API_KEY": "x", "OPENAI_BASE_URL": stub.base_url, "REJOIN_MODEL": "gpt-test"}
+        {
+            "OPENAI_API_KEY": "x",
+            "OPENAI_BASE_URL": openai_server.base_url,
+            "REJOIN_MODEL": "gpt-test",
+        }
     )
     agent = build_agent(Runtime(settings))
     assert type(agent.model).__name__ == "OpenAIChatCompletionsModel"
-    assert str(agent.model._client.base_url).rstrip("/") == stub.base_url  # type: ignore[attr-defined]
-    assert isinstance(stub.stub, OpenAIStub)
+    assert str(agent.model._client.base_url).rstrip("/") == openai_server.base_url  # type: ignore[attr-defined]
+    assert isinstance(openai_server.stub, OpenAIStub)
