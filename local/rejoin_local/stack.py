@@ -115,7 +115,7 @@ from .handlers import LocalLambdaContext, ensure_shared_on_path, load_api_app, l
 ensure_shared_on_path()
 
 from rejoin.config import Settings  # noqa: E402
-from rejoin.errors import RejoinError, StoreError  # noqa: E402
+from rejoin.errors import InvalidSessionId, RejoinError, StoreError  # noqa: E402
 from rejoin.queue import InMemoryTurnQueue, TurnRequest, sqs_event  # noqa: E402
 from rejoin.runtime import Runtime, set_runtime  # noqa: E402
 from rejoin.sender import InMemorySender  # noqa: E402
@@ -712,22 +712,18 @@ class Stack:
         digest = hmac.new(self.config.signing_key.encode(), message, hashlib.sha256).hexdigest()
         return f"u-{slug}-{digest[:12]}"
 
-    def _mint(
-        self,
-        session: str,
-        name: str,
-        user: str | None,
-        secret: str | None = None,
-        now: float | None = None,
-    ) -> dict[str, Any]:
+    def _user_id(self, session: str, name: str, user: str | None, secret: str | None) -> str:
+        """The user id asked for, else the browser's own (from its secret), else a fresh one."""
+        if user:
+            return user
+        if secret:
+            return self._user_for(session, name, secret)
+        slug = _USER_SLUG.sub("-", name.lower()).strip("-")[:24] or "user"
+        return f"u-{slug}-{secrets.token_hex(3)}"
+
+    def _mint(self, session: str, name: str, user: str, now: float | None = None) -> dict[str, Any]:
         from rejoin.tokens import mint_token
 
-        if not user:
-            if secret:
-                user = self._user_for(session, name, secret)
-            else:
-                slug = _USER_SLUG.sub("-", name.lower()).strip("-")[:24] or "user"
-                user = f"u-{slug}-{secrets.token_hex(3)}"
         token = mint_token(
             secret=self.config.signing_key,
             session_id=session,
@@ -745,15 +741,18 @@ class Stack:
             "invite": self.invite(session),
         }
 
-    async def _born_revoked(self, session: str, user: str, issued: float) -> bool:
-        """Whether a token of ``user`` issued at ``issued`` would be refused as revoked."""
+    async def _issue_time(self, session: str, user: str) -> int:
+        """The token's ``iat``: now, or the next second after a revocation in this one."""
+        now = time.time()
         if self.runtime is None:
-            return False
+            return math.floor(now)
         try:
-            return await self.runtime.rooms().revoked(session, user, issued)
+            return await self.runtime.rooms().issue_time(session, user, now)
+        except InvalidSessionId:
+            raise
         except StoreError:
             log.warning("could not check revocations before minting (store unavailable)")
-            return False
+            return math.floor(now)
 
     def _local_credential(self, request: Request, session: str) -> str | None:
         """``"admin"`` or ``"invite"`` for a valid credential for ``session``, else None."""
@@ -812,14 +811,9 @@ class Stack:
                 {"detail": "an invite cannot choose a user id; send a secret instead"},
                 status_code=403,
             )
-        issued = math.floor(time.time())
         try:
-            grant = self._mint(session, name, user, secret, now=issued)
-            if await self._born_revoked(session, grant["user"], issued):
-                # The session ended (or this user was removed) earlier in this
-                # second and `iat` has one-second resolution: issue it at the
-                # next one, well within the verifier's `iat` leeway.
-                grant = self._mint(session, name, grant["user"], now=issued + 1)
+            user_id = self._user_id(session, name, user, secret)
+            grant = self._mint(session, name, user_id, now=await self._issue_time(session, user_id))
         except (RejoinError, ValueError) as exc:
             return JSONResponse({"detail": str(exc)}, status_code=400)
         log.info(

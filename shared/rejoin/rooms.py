@@ -27,6 +27,7 @@ session it visits).
 from __future__ import annotations
 
 import json
+import math
 import secrets
 import time
 from collections.abc import Callable, Sequence
@@ -1146,6 +1147,19 @@ class RoomStore:
         """Whether a token of ``user_id`` issued at ``issued_at`` was revoked."""
         a = await self._call(_REVOKED, session_id, user_id, int(issued_at * 1000), op=False)
         return bool(a["revoked"])
+
+    async def issue_time(self, session_id: str, user_id: str, now: float) -> int:
+        """The ``iat`` for a token of ``user_id`` minted at ``now``, never born revoked.
+
+        ``iat`` has one-second resolution: if the session ended (or the user
+        was removed) earlier in this second, a token issued now would count as
+        issued before the revocation. Then it is issued at the next second,
+        well within the verifier's ``iat`` leeway.
+        """
+        issued = math.floor(now)
+        if await self.revoked(session_id, user_id, issued):
+            issued += 1
+        return issued
 
     async def stop(self, session_id: str, connection_id: str, turn: str | None) -> dict[str, Any]:
         """Ask the session's running turn (``turn``, or whichever runs) to stop.
