@@ -87,3 +87,24 @@ def test_the_upstash_client_still_answers_every_command(upstash: Any) -> None:
 
     assert asyncio.run(use()) == "v"
     assert asyncio.run(use()) == "v"  # another loop, another connection pool
+
+
+def test_the_client_built_to_check_the_configuration_serves_the_first_loop(
+    upstash: Any,
+) -> None:
+    """GIVEN a client from upstash_client (it builds one upstash-redis client up front)
+    WHEN two event loops use it in turn
+    THEN the first loop gets that client and only the second builds another."""
+    built: list[Any] = []
+    client = upstash_client(upstash.url, upstash.token)
+    first = client._spare
+    factory = client._factory
+    client._factory = lambda: built.append(factory()) or built[-1]
+
+    async def use() -> Any:
+        await client.set("rejoin-test:spare", "v")
+        return client.client
+
+    assert asyncio.run(use()) is first
+    second = asyncio.run(use())
+    assert second is not first and built == [second]

@@ -57,12 +57,15 @@ class UpstashClient:
 
     Args:
         factory: builds one ``upstash_redis.asyncio.Redis``.
+        first: a client already built (and not used yet), handed to the first
+            loop that asks instead of building another.
     """
 
     is_upstash = True
 
-    def __init__(self, factory: Callable[[], Redis]) -> None:
+    def __init__(self, factory: Callable[[], Redis], *, first: Redis | None = None) -> None:
         self._factory = factory
+        self._spare = first
         self._lock = threading.Lock()
         self._by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Redis] = (
             weakref.WeakKeyDictionary()
@@ -78,7 +81,10 @@ class UpstashClient:
         with self._lock:
             found = self._by_loop.get(loop)
             if found is None:
-                found = self._by_loop[loop] = self._factory()
+                found, self._spare = self._spare, None
+                if found is None:
+                    found = self._factory()
+                self._by_loop[loop] = found
             return found
 
     async def eval(
@@ -180,8 +186,9 @@ def upstash_client(
             http.timeout = httpx.Timeout(timeout)
         return client
 
-    build()  # fail now, not on the first request, if the client cannot be built
-    return UpstashClient(build)
+    # Built now, to fail here rather than on the first request; kept for the
+    # first event loop (building one costs an httpx client and its TLS context).
+    return UpstashClient(build, first=build())
 
 
 def upstash_client_from_env(
