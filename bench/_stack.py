@@ -16,13 +16,8 @@
 from __future__ import annotations
 
 import contextlib
-import os
-import re
 import secrets
-import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +26,8 @@ from typing import Any
 import httpx
 import redis
 
-from rejoin_local.redis_server import PrivateRedis, RedisStartError, stop_process
+from rejoin_local.redis_server import PrivateRedis, RedisStartError
+from rejoin_local.upstash_process import EndpointStartError, endpoint_process
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,55 +76,28 @@ class Endpoint:
         self._http.post(f"{self.url}/_rejoin/stats/reset").raise_for_status()
 
 
-_URL_LINE = re.compile(rb"UPSTASH_REDIS_REST_URL=(\S+)")
-
-
 @contextlib.contextmanager
 def upstash_endpoint(redis_url: str) -> Iterator[Endpoint]:
     """Serve ``python -m rejoin_local.upstash_rest`` in front of ``redis_url``.
+
+    The child is started and stopped as ``make dev`` does it
+    (:func:`rejoin_local.upstash_process.endpoint_process`).
 
     Raises:
         StackError: the endpoint did not start.
     """
     token = secrets.token_urlsafe(16)
-    env = dict(os.environ)
-    paths = [str(REPO_ROOT / "shared"), str(REPO_ROOT / "local")]
-    env["PYTHONPATH"] = os.pathsep.join([*paths, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    args = [sys.executable, "-m", "rejoin_local.upstash_rest", "--host", "127.0.0.1"]
-    # --token=...: a token may start with "-", which argparse would take for an option.
-    args += ["--port", "0", "--redis-url", redis_url, f"--token={token}"]
-    # Output goes to a file, not a pipe: a pipe nobody reads could fill and stall it.
-    with (
-        tempfile.TemporaryDirectory(prefix="rejoin-bench-upstash-") as workdir,
-        open(os.path.join(workdir, "endpoint.log"), "wb") as log,
-        httpx.Client(headers={"Authorization": f"Bearer {token}"}, timeout=10.0) as http,
-    ):
-        proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT)
+    with contextlib.ExitStack() as stack:
         try:
-            url = _wait_for_url(Path(log.name), proc, http)
-            yield Endpoint(url=url, token=token, redis_url=redis_url, _http=http)
-        finally:
-            stop_process(proc)
-
-
-def _wait_for_url(log: Path, proc: subprocess.Popen[bytes], http: httpx.Client) -> str:
-    deadline = time.monotonic() + 30
-    url = None
-    while url is None and time.monotonic() < deadline and proc.poll() is None:
-        match = _URL_LINE.search(log.read_bytes())
-        if match:
-            url = match.group(1).decode()
-        else:
-            time.sleep(0.02)
-    if url is None:
-        output = log.read_text(errors="replace")
-        raise StackError(f"the Upstash endpoint did not start:\n{output}")
-    while time.monotonic() < deadline:
-        with contextlib.suppress(httpx.HTTPError):
-            if http.get(url + "/").status_code == 200:
-                return url
-        time.sleep(0.02)
-    raise StackError("the Upstash endpoint did not answer")
+            running = stack.enter_context(
+                endpoint_process("127.0.0.1", 0, redis_url=redis_url, token=token)
+            )
+        except EndpointStartError as exc:
+            raise StackError(str(exc)) from None
+        http = stack.enter_context(
+            httpx.Client(headers={"Authorization": f"Bearer {token}"}, timeout=10.0)
+        )
+        yield Endpoint(url=running.url, token=token, redis_url=redis_url, _http=http)
 
 
 class CommandStats:
